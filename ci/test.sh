@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's test command: install iqdb with its test extras into a virtual environment, then
+# lint (ruff), type-check (mypy --strict), compile-check CUDA sources (nvcc, when present) and
+# run the test suite. Extra arguments go to pytest, e.g. `bash ci/test.sh -m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${IQDB_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+"$venv/bin/ruff" check iqdb kernels tests bench
+"$venv/bin/ruff" format --check iqdb kernels tests
+MYPY="$venv/bin/mypy" bash ci/typecheck.sh
+if command -v nvcc >/dev/null 2>&1 && compgen -G "kernels/cuda/*.cu" >/dev/null; then
+  for src in kernels/cuda/*.cu; do
+    nvcc -std=c++17 -c "$src" -o /dev/null
+    echo "nvcc ok: $src"
+  done
+fi
+"$venv/bin/python" -m pytest "$@"

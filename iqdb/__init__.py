@@ -1,0 +1,72 @@
+"""iqdb: an embedded vector database with exact nearest-neighbour search on the CPU or the GPU.
+
+>>> import iqdb
+>>> db = iqdb.open_in_memory()
+>>> db.upsert_many([1, 2, 3], [[1, 0], [0, 1], [1, 1]], [{"n": 1}, None, {}])
+>>> [int(r.id) for r in db.search([1, 0.1], k=2, metric="cosine")]
+[1, 3]
+
+See ``API.md`` for the contract. ``iqdb.open(path)`` gives the same handle backed by a directory
+(an Arrow IPC snapshot and a write-ahead log).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ._db import Iqdb
+from ._errors import (
+    Closed,
+    Corrupt,
+    DeviceUnavailable,
+    DimensionMismatch,
+    InvalidArgument,
+    InvalidConfig,
+    InvalidVector,
+    IqdbError,
+    Locked,
+    Poisoned,
+    StorageError,
+)
+from ._payload import Payload, PayloadValue
+from ._values import DistanceMetric, Record, RecordId, SearchResult, Vector
+
+__version__ = "0.5.0"
+
+__all__ = [
+    "Closed",
+    "Corrupt",
+    "DeviceUnavailable",
+    "DimensionMismatch",
+    "DistanceMetric",
+    "InvalidArgument",
+    "InvalidConfig",
+    "InvalidVector",
+    "Iqdb",
+    "IqdbError",
+    "Locked",
+    "Payload",
+    "PayloadValue",
+    "Poisoned",
+    "Record",
+    "RecordId",
+    "SearchResult",
+    "StorageError",
+    "Vector",
+    "__version__",
+    "open",
+    "open_in_memory",
+]
+
+
+def open(
+    path: str | os.PathLike[str], *, device: str = "auto", readonly: bool = False, **options: Any
+) -> Iqdb:
+    """Open or create a durable database in directory ``path``; see :meth:`Iqdb.open`."""
+    return Iqdb.open(path, device=device, readonly=readonly, **options)
+
+
+def open_in_memory(*, device: str = "auto") -> Iqdb:
+    """A new in-memory database; see :meth:`Iqdb.open_in_memory`."""
+    return Iqdb.open_in_memory(device=device)

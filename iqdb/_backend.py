@@ -1,0 +1,96 @@
+"""The storage contract: what the handle needs from an in-memory or durable backend.
+
+>>> from iqdb._backend import MemoryBackend
+>>> MemoryBackend().readonly
+False
+
+A write reaches a backend as an *operation* that has already been validated completely. The
+handle calls :meth:`Backend.log` first (the durable backend appends a WAL frame; a failure
+raises and changes nothing) and applies the operation to the :class:`ColumnStore` after, all
+under its writer lock, so log order is memory order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ._payload import Payload
+from ._store import ColumnStore
+
+__all__ = ["Backend", "DeleteOp", "MemoryBackend", "Op", "UpsertOp", "apply_op"]
+
+
+@dataclass(frozen=True)
+class UpsertOp:
+    """Insert or replace rows. ``ids`` unique (uint64), ``vectors`` ``(m, d)`` float32 finite."""
+
+    ids: npt.NDArray[np.uint64]
+    vectors: npt.NDArray[np.float32]
+    payloads: list[Payload | None]
+
+
+@dataclass(frozen=True)
+class DeleteOp:
+    """Delete ids (absent ones are ignored)."""
+
+    ids: npt.NDArray[np.uint64]
+
+
+Op = Union[UpsertOp, DeleteOp]  # noqa: UP007
+
+
+def apply_op(store: ColumnStore, op: Op) -> None:
+    """Apply a validated operation to the store."""
+    if isinstance(op, UpsertOp):
+        store.upsert(op.ids, op.vectors, op.payloads)
+    else:
+        store.delete_many(op.ids)
+
+
+class Backend(Protocol):
+    """What the handle needs from storage."""
+
+    @property
+    def readonly(self) -> bool:
+        """Writes refused (``InvalidConfig``)."""
+
+    def log(self, op: Op) -> None:
+        """Make ``op`` survive a process crash before it is applied, or raise having written nothing."""
+
+    def flush(self) -> None:
+        """Make every logged operation survive a machine crash."""
+
+    def compact(self, store: ColumnStore) -> None:
+        """Rewrite the durable state from ``store`` so no log needs replaying."""
+
+    def close(self, store: ColumnStore) -> None:
+        """Release resources; durable backends compact first."""
+
+    def check(self) -> dict[str, Any]:
+        """Verify the stored state; a report of what was found."""
+
+
+class MemoryBackend:
+    """No durability: every method but :meth:`check` is a no-op."""
+
+    readonly = False
+
+    def log(self, op: Op) -> None:
+        """Nothing to log in memory."""
+
+    def flush(self) -> None:
+        """Nothing to flush in memory."""
+
+    def compact(self, store: ColumnStore) -> None:
+        """Nothing to compact in memory."""
+
+    def close(self, store: ColumnStore) -> None:
+        """Nothing to release."""
+
+    def check(self) -> dict[str, Any]:
+        """An in-memory database has nothing on disk to verify."""
+        return {"ok": True, "backend": "memory"}

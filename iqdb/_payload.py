@@ -1,0 +1,367 @@
+"""Payloads: the JSON-like metadata stored next to each vector.
+
+>>> from iqdb import Payload
+>>> p = Payload({"b": 2, "a": (1, 2.5, b"raw")})
+>>> list(p), p["a"]
+(['a', 'b'], [1, 2.5, b'raw'])
+
+Values are ``None``, ``bool``, signed 64-bit ``int``, ``float`` (NaN and +-inf allowed), ``str``,
+``bytes``, ``list`` and ``dict[str, ...]``. On the way in NumPy scalars become Python scalars,
+tuples become lists and ``bytearray``/``memoryview`` become ``bytes``. Anything else raises
+:class:`InvalidArgument` naming the key, never the value.
+
+This module also holds the two encodings a payload travels in: a compact tagged binary form
+(WAL and snapshot) and a JSON-compatible form (``to_dict``/``from_dict``).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any, Union
+
+import numpy as np
+
+from ._errors import Corrupt, InvalidArgument
+
+__all__ = ["Payload", "PayloadValue"]
+
+PayloadValue = Union[None, bool, int, float, str, bytes, list["PayloadValue"], dict[str, "PayloadValue"]]  # noqa: UP007
+"""The type of a payload value (recursive)."""
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**63 - 1
+_MAX_DEPTH = 64
+
+
+def _where(path: str) -> str:
+    return f"payload key {path!r}" if path else "payload"
+
+
+def normalize_value(value: object, path: str, depth: int = 0) -> PayloadValue:
+    """Return ``value`` as a canonical :data:`PayloadValue`, or raise naming ``path``."""
+    if depth > _MAX_DEPTH:
+        raise InvalidArgument(f"{_where(path)} is nested deeper than {_MAX_DEPTH} levels")
+    if value is None or type(value) is bool:
+        return value
+    if type(value) is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise InvalidArgument(f"{_where(path)} holds an int outside the signed 64-bit range")
+        return value
+    if type(value) is float or type(value) is str:
+        if type(value) is str:
+            _check_utf8(value, path)
+        return value
+    if isinstance(value, np.generic):
+        return normalize_value(value.item(), path, depth)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return normalize_value(int(value), path, depth)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        _check_utf8(value, path)
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (list, tuple)):
+        return [normalize_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return _normalize_mapping(value, path, depth + 1)
+    raise InvalidArgument(f"{_where(path)} has unsupported type {type(value).__name__}")
+
+
+def _check_utf8(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{_where(path)} holds a string that cannot be encoded as UTF-8") from None
+
+
+def _normalize_mapping(mapping: Mapping[Any, Any], path: str, depth: int) -> dict[str, PayloadValue]:
+    out: dict[str, PayloadValue] = {}
+    for key, val in mapping.items():
+        if not isinstance(key, str):
+            raise InvalidArgument(f"{_where(path)} has a key of type {type(key).__name__}; keys must be str")
+        _check_utf8(key, path)
+        sub = f"{path}.{key}" if path else key
+        out[str(key)] = normalize_value(val, sub, depth)
+    return out
+
+
+def values_equal(a: object, b: object) -> bool:
+    """Structural equality where NaN equals NaN (payloads are values, and must equal their copies)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return len(a) == len(b) and all(k in b and values_equal(v, b[k]) for k, v in a.items())
+    return bool(a == b)
+
+
+def copy_value(value: PayloadValue) -> PayloadValue:
+    """A deep copy of a canonical payload value (only lists and dicts are mutable)."""
+    if isinstance(value, list):
+        return [copy_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: copy_value(v) for k, v in value.items()}
+    return value
+
+
+class Payload(MutableMapping[str, PayloadValue]):
+    """A mutable mapping ``str -> PayloadValue`` that iterates in key order.
+
+    Parameters
+    ----------
+    mapping
+        Initial items (any mapping); ``None`` for an empty payload.
+
+    Raises
+    ------
+    InvalidArgument
+        A key is not a ``str`` or a value is not a :data:`PayloadValue` (the message names the key).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, mapping: Mapping[str, object] | None = None) -> None:
+        self._items: dict[str, PayloadValue] = {}
+        if mapping is not None:
+            if not isinstance(mapping, Mapping):
+                raise InvalidArgument(f"payload must be a mapping, got {type(mapping).__name__}")
+            self._items = _normalize_mapping(mapping, "", 0)
+
+    @classmethod
+    def _trusted(cls, items: dict[str, PayloadValue]) -> Payload:
+        """Wrap already-canonical items without copying or checking (internal)."""
+        p = cls.__new__(cls)
+        p._items = items
+        return p
+
+    def __getitem__(self, key: str) -> PayloadValue:
+        return self._items[key]
+
+    def __setitem__(self, key: str, value: object) -> None:
+        if not isinstance(key, str):
+            raise InvalidArgument(f"payload keys must be str, got {type(key).__name__}")
+        _check_utf8(key, "")
+        self._items[key] = normalize_value(value, key, 1)
+
+    def __delitem__(self, key: str) -> None:
+        del self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def insert(self, key: str, value: object) -> PayloadValue:
+        """Set ``key`` to ``value``; return the previous value or ``None``."""
+        previous = self._items.get(key)
+        self[key] = value
+        return previous
+
+    def remove(self, key: str) -> PayloadValue:
+        """Remove ``key``; return its value, or ``None`` when it was absent."""
+        return self._items.pop(key, None)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return values_equal(self._items, other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k!r}: {self._items[k]!r}" for k in self)
+        return f"Payload({{{inner}}})"
+
+    def __reduce__(self) -> tuple[type[Payload], tuple[dict[str, PayloadValue]]]:
+        return (Payload, (self._items,))
+
+    def copy(self) -> Payload:
+        """A deep copy."""
+        return Payload._trusted({k: copy_value(v) for k, v in self._items.items()})
+
+    def to_dict(self) -> dict[str, PayloadValue]:
+        """A deep copy as a plain ``dict`` (key order)."""
+        return {k: copy_value(self._items[k]) for k in self}
+
+
+def coerce_payload(payload: object) -> Payload | None:
+    """``None`` stays ``None``; a :class:`Payload` is deep-copied; any other mapping is normalised."""
+    if payload is None:
+        return None
+    if isinstance(payload, Payload):
+        return payload.copy()
+    if isinstance(payload, Mapping):
+        return Payload(payload)
+    raise InvalidArgument(f"payload must be a mapping or None, got {type(payload).__name__}")
+
+
+# --- JSON-compatible form ------------------------------------------------------------------
+# Plain JSON has no bytes and no non-finite floats, so those become one-key tagged objects.
+# A user dict whose keys start with "$" is wrapped as {"$dict": {...}} so tags stay unambiguous.
+
+
+def to_json_value(value: PayloadValue) -> Any:
+    """Encode a canonical payload value as JSON-compatible data (see module notes)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, list):
+        return [to_json_value(v) for v in value]
+    if isinstance(value, dict):
+        inner = {k: to_json_value(v) for k, v in value.items()}
+        if any(k.startswith("$") for k in value):
+            return {"$dict": inner}
+        return inner
+    return value
+
+
+def from_json_value(data: Any, path: str = "") -> PayloadValue:
+    """Decode :func:`to_json_value`'s output."""
+    if isinstance(data, dict):
+        if len(data) == 1:
+            ((tag, body),) = data.items()
+            if tag == "$float":
+                if body not in ("nan", "inf", "-inf"):
+                    raise InvalidArgument(f"{_where(path)}: bad $float tag")
+                return float(body)
+            if tag == "$bytes":
+                if not isinstance(body, str):
+                    raise InvalidArgument(f"{_where(path)}: bad $bytes tag")
+                return base64.b64decode(body.encode("ascii"), validate=True)
+            if tag == "$dict":
+                if not isinstance(body, dict):
+                    raise InvalidArgument(f"{_where(path)}: bad $dict tag")
+                return {k: from_json_value(v, f"{path}.{k}") for k, v in body.items()}
+        return {k: from_json_value(v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    if isinstance(data, list):
+        return [from_json_value(v, f"{path}[{i}]") for i, v in enumerate(data)]
+    return normalize_value(data, path)
+
+
+# --- binary form ---------------------------------------------------------------------------
+# One tag byte per value; little-endian fixed-width numbers; lengths as uint32.
+# Used inside the WAL and the snapshot, both of which checksum the bytes around it.
+
+_NONE, _FALSE, _TRUE, _INT, _FLOAT, _STR, _BYTES, _LIST, _DICT = range(9)
+_Q = struct.Struct("<q")
+_D = struct.Struct("<d")
+_I = struct.Struct("<I")
+
+
+def encode_payload(payload: Payload | None) -> bytes | None:
+    """The binary form of a payload; ``None`` stays ``None`` (distinct from an empty payload)."""
+    if payload is None:
+        return None
+    out = bytearray()
+    _encode_into(payload._items, out)
+    return bytes(out)
+
+
+def _encode_into(value: PayloadValue, out: bytearray) -> None:
+    if value is None:
+        out.append(_NONE)
+    elif value is True:
+        out.append(_TRUE)
+    elif value is False:
+        out.append(_FALSE)
+    elif isinstance(value, int):
+        out.append(_INT)
+        out += _Q.pack(value)
+    elif isinstance(value, float):
+        out.append(_FLOAT)
+        out += _D.pack(value)
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+        out.append(_STR)
+        out += _I.pack(len(raw))
+        out += raw
+    elif isinstance(value, bytes):
+        out.append(_BYTES)
+        out += _I.pack(len(value))
+        out += value
+    elif isinstance(value, list):
+        out.append(_LIST)
+        out += _I.pack(len(value))
+        for v in value:
+            _encode_into(v, out)
+    else:
+        out.append(_DICT)
+        out += _I.pack(len(value))
+        for k, v in value.items():
+            raw = k.encode("utf-8")
+            out += _I.pack(len(raw))
+            out += raw
+            _encode_into(v, out)
+
+
+def decode_payload(data: bytes | memoryview | None) -> Payload | None:
+    """Inverse of :func:`encode_payload`; raises :class:`Corrupt` on malformed bytes."""
+    if data is None:
+        return None
+    view = memoryview(data)
+    try:
+        value, end = _decode_at(view, 0, 0)
+    except (struct.error, IndexError, UnicodeDecodeError, RecursionError) as exc:
+        raise Corrupt(f"malformed payload bytes: {exc}") from exc
+    if end != len(view) or not isinstance(value, dict):
+        raise Corrupt("malformed payload bytes: trailing data or not a mapping")
+    return Payload._trusted(value)
+
+
+def _decode_at(buf: memoryview, pos: int, depth: int) -> tuple[PayloadValue, int]:
+    if depth > _MAX_DEPTH + 1:
+        raise Corrupt("malformed payload bytes: nesting too deep")
+    tag = buf[pos]
+    pos += 1
+    if tag == _NONE:
+        return None, pos
+    if tag == _FALSE:
+        return False, pos
+    if tag == _TRUE:
+        return True, pos
+    if tag == _INT:
+        return _Q.unpack_from(buf, pos)[0], pos + 8
+    if tag == _FLOAT:
+        return _D.unpack_from(buf, pos)[0], pos + 8
+    if tag in (_STR, _BYTES):
+        (n,) = _I.unpack_from(buf, pos)
+        pos += 4
+        if pos + n > len(buf):
+            raise Corrupt("malformed payload bytes: length past the end")
+        raw = bytes(buf[pos : pos + n])
+        return (raw.decode("utf-8") if tag == _STR else raw), pos + n
+    if tag == _LIST:
+        (n,) = _I.unpack_from(buf, pos)
+        pos += 4
+        items: list[PayloadValue] = []
+        for _ in range(n):
+            item, pos = _decode_at(buf, pos, depth + 1)
+            items.append(item)
+        return items, pos
+    if tag == _DICT:
+        (n,) = _I.unpack_from(buf, pos)
+        pos += 4
+        mapping: dict[str, PayloadValue] = {}
+        for _ in range(n):
+            (klen,) = _I.unpack_from(buf, pos)
+            pos += 4
+            if pos + klen > len(buf):
+                raise Corrupt("malformed payload bytes: length past the end")
+            key = bytes(buf[pos : pos + klen]).decode("utf-8")
+            pos += klen
+            mapping[key], pos = _decode_at(buf, pos, depth + 1)
+        return mapping, pos
+    raise Corrupt(f"malformed payload bytes: unknown tag {tag}")

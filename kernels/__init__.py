@@ -1,0 +1,17 @@
+"""iqdb's compute layer: flat top-k kernels over an array namespace (NumPy on the CPU, CuPy on the GPU).
+
+>>> from iqdb.kernels import cpu_backend
+>>> cpu_backend().name
+'cpu'
+
+This package is the only code that knows which array library runs. Algorithms live in
+:mod:`._flat` and take the namespace ``xp`` as an argument; a *backend* binds a namespace to a
+device. Nothing here imports :mod:`iqdb` (imports flow handle -> storage -> kernels).
+"""
+
+from __future__ import annotations
+
+from ._backend import ArrayBackend, cpu_backend
+from ._flat import SearchOutput, exact_scores, flat_topk
+
+__all__ = ["ArrayBackend", "SearchOutput", "cpu_backend", "exact_scores", "flat_topk"]

@@ -1,0 +1,85 @@
+"""Shared fixtures: every storage or search test runs on every backend through ``make_db``.
+
+``make_db()`` returns a fresh open database; the cells are {memory, durable} x {cpu, gpu}.
+GPU cells are skipped with a reason when there is no usable GPU. ``reopen(db)`` closes a
+durable database and opens it again (for a memory database it returns ``db`` unchanged).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import iqdb
+
+
+def _gpu_reason() -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'iqdb[gpu]')"
+    try:
+        iqdb.open_in_memory(device="cuda").close()
+    except iqdb.DeviceUnavailable as exc:
+        return f"no usable GPU: {exc}"
+    return None
+
+
+GPU_SKIP = _gpu_reason()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if GPU_SKIP is not None and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP))
+
+
+_CELLS = [
+    pytest.param(("memory", "cpu"), id="memory-cpu"),
+    pytest.param(("durable", "cpu"), id="durable-cpu"),
+    pytest.param(("memory", "cuda"), id="memory-gpu", marks=pytest.mark.gpu),
+    pytest.param(("durable", "cuda"), id="durable-gpu", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=_CELLS)
+def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """``(storage, device)`` of the current cell."""
+    cell: tuple[str, str] = request.param
+    return cell
+
+
+@pytest.fixture
+def make_db(backend: tuple[str, str], tmp_path: Path) -> Iterator[Callable[[], iqdb.Iqdb]]:
+    """A factory of fresh, empty databases of the current cell; all are closed at teardown."""
+    storage, device = backend
+    opened: list[iqdb.Iqdb] = []
+    counter = iter(range(1_000_000))
+
+    def factory() -> iqdb.Iqdb:
+        if storage == "memory":
+            db = iqdb.open_in_memory(device=device)
+        else:
+            db = iqdb.open(tmp_path / f"db{next(counter)}", device=device)
+        opened.append(db)
+        return db
+
+    yield factory
+    for db in opened:
+        db.close()
+
+
+@pytest.fixture
+def reopen(backend: tuple[str, str]) -> Callable[[iqdb.Iqdb], iqdb.Iqdb]:
+    """Close and reopen a durable database (same directory); a memory database is returned as is."""
+    storage, device = backend
+
+    def do(db: iqdb.Iqdb) -> iqdb.Iqdb:
+        if storage == "memory":
+            return db
+        path = db._backend.path  # type: ignore[attr-defined]
+        db.close()
+        return iqdb.open(path, device=device)
+
+    return do
