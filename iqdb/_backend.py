@@ -67,6 +67,9 @@ class Backend(Protocol):
     def compact(self, store: ColumnStore) -> None:
         """Rewrite the durable state from ``store`` so no log needs replaying."""
 
+    def wants_compaction(self) -> bool:
+        """The log has grown enough that :meth:`compact` should run now."""
+
     def close(self, store: ColumnStore) -> None:
         """Release resources; durable backends compact first."""
 
@@ -87,6 +90,10 @@ class MemoryBackend:
 
     def compact(self, store: ColumnStore) -> None:
         """Nothing to compact in memory."""
+
+    def wants_compaction(self) -> bool:
+        """Never."""
+        return False
 
     def close(self, store: ColumnStore) -> None:
         """Nothing to release."""

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from ._backend import Backend, DeleteOp, MemoryBackend, Op, UpsertOp, apply_op
 from ._device import resolve_device
-from ._errors import Closed, DimensionMismatch, InvalidArgument, InvalidConfig
+from ._errors import Closed, DimensionMismatch, InvalidArgument, InvalidConfig, StorageError
 from ._lock import RWLock
 from ._payload import Payload, coerce_payload
 from ._store import ColumnStore
@@ -166,6 +166,9 @@ class Iqdb:
         """
         from ._durable import open_durable
 
+        unknown = set(options) - {"sync", "wal_limit", "fs"}
+        if unknown:
+            raise InvalidConfig(f"unknown option(s) for Iqdb.open: {', '.join(sorted(unknown))}")
         backend = resolve_device(device)
         store = ColumnStore(backend)
         durable = open_durable(os.fspath(path), store, readonly=readonly, **options)
@@ -236,6 +239,12 @@ class Iqdb:
         """Log then apply, under the writer lock: log order is memory order."""
         self._backend.log(op)
         apply_op(self._store, op)
+        if self._backend.wants_compaction():
+            try:
+                self._backend.compact(self._store)
+            except StorageError as exc:
+                # The write itself succeeded and is in the WAL, which stays the truth.
+                log.warning("iqdb: automatic compaction failed: %s", exc)
 
     def _check_writable(self) -> None:
         self._check_open()

@@ -166,6 +166,7 @@ class ColumnStore:
         matrix: npt.NDArray[np.float32],
         payloads: list[Payload | None],
         dim: int | None,
+        norms: Any = None,
         headroom: float = 1.0625,
     ) -> None:
         """Replace the contents with whole columns (snapshot load): one block copy, no per-row work
@@ -180,7 +181,7 @@ class ColumnStore:
         live = self._matrix[:n]
         self._norms = xp.empty(cap, dtype=xp.float64)
         if n:
-            self._norms[:n] = row_norms_sq(xp, live)
+            self._norms[:n] = row_norms_sq(xp, live) if norms is None else self.backend.asarray(norms)
         self._ids = np.empty(cap, dtype=np.uint64)
         self._ids[:n] = ids
         self.payloads = list(payloads)
