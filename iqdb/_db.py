@@ -46,7 +46,7 @@ __all__ = ["Iqdb", "coerce_ids"]
 log = logging.getLogger("iqdb")
 
 Predicate = Callable[[Record], object]
-_U64_MAX = np.iinfo(np.uint64).max
+_BOOL_TYPES = frozenset({bool, np.bool_})
 
 
 def _check_k(k: object) -> int:
@@ -76,6 +76,8 @@ def coerce_ids(ids: object) -> npt.NDArray[np.uint64]:
     if arr.ndim != 1:
         raise InvalidArgument(f"ids must be 1-D, got an array of shape {arr.shape}")
     if arr.dtype.kind in "iu":
+        if not isinstance(ids, np.ndarray) and not _BOOL_TYPES.isdisjoint(map(type, ids)):  # type: ignore[call-overload]
+            return _coerce_ids_slowly(ids)  # NumPy turns True into 1; the slow path names it
         if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
             pos = int(np.argmin(arr))
             raise InvalidArgument(f"record id {int(arr[pos])} at position {pos} is outside [0, 2**64)")
@@ -498,6 +500,9 @@ class Iqdb:
                 k,
                 metric.value,
                 None if rows is None else be.asarray(rows),
+                norms32=store.norms32,
+                inv_norms32=store.inv_norms32,
+                norm_bounds=store.norm_bounds,
             )
             found_rows = be.to_host(out.rows)
             scores = be.to_host(out.scores).tolist()

@@ -464,6 +464,11 @@ def _recover_wal(b: DurableBackend, store: ColumnStore, buf: memoryview, fd: int
                 "and later frames show it had been made durable"
             )
         _cut(b, fd, result.end, len(buf) - result.end, result.reason, result.later_frames)
+    if fd is not None and result.end > len(buf):
+        # The last frame is whole but its zero padding was cut off: restore the padding, so the
+        # next frame starts at the aligned offset the next scan will look at.
+        fs.ftruncate(fd, result.end)
+        fs.fsync(fd)
     data_frames = [f for f in result.frames if f.op is not None]
     if stale:
         if any(f.seq > b.last_seq for f in data_frames):

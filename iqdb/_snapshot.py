@@ -69,7 +69,10 @@ class SnapshotData:
 
 
 def _crc(buf: Any) -> str:
-    return str(zlib.crc32(memoryview(buf).cast("B")) if buf is not None else 0)
+    if buf is None:
+        return "0"
+    raw = buf.reshape(-1).view(np.uint8) if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
+    return str(zlib.crc32(raw))
 
 
 def _buffers(payload_col: Any) -> tuple[Any, Any, Any]:

@@ -52,10 +52,15 @@ class ColumnStore:
         xp = backend.xp
         self._matrix: Any = xp.empty((0, 0), dtype=xp.float32)
         self._norms: Any = xp.empty(0, dtype=xp.float64)
+        self._norms32: Any = xp.empty(0, dtype=xp.float32)
+        self._inv32: Any = xp.empty(0, dtype=xp.float32)
         self._ids: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
         self._dev_ids: Any = self._ids if xp is np else xp.empty(0, dtype=xp.uint64)
         self.payloads: list[Payload | None] = []
         self.row_of: dict[int, int] = {}
+        # Bounds (not exact after deletes) on the squared norms of nonzero rows.
+        self._max_norm_sq = 0.0
+        self._min_norm_sq = float("inf")
 
     # -- views used by search -------------------------------------------------------------
     @property
@@ -67,6 +72,21 @@ class ColumnStore:
     def norms(self) -> Any:
         """``(n,)`` float64 squared norms."""
         return self._norms[: self.n]
+
+    @property
+    def norm_bounds(self) -> tuple[float, float]:
+        """``(lower, upper)`` bounds on the squared norms of the nonzero rows."""
+        return self._min_norm_sq, self._max_norm_sq
+
+    @property
+    def norms32(self) -> Any:
+        """``(n,)`` float32 squared norms (the L2 coarse score adds them)."""
+        return self._norms32[: self.n]
+
+    @property
+    def inv_norms32(self) -> Any:
+        """``(n,)`` float32 ``1/|x|`` (``inf`` for a zero row; the COSINE coarse score)."""
+        return self._inv32[: self.n]
 
     @property
     def ids(self) -> npt.NDArray[np.uint64]:
@@ -105,12 +125,17 @@ class ColumnStore:
         xp = self.backend.xp
         matrix = xp.empty((new_cap, d), dtype=xp.float32)
         norms = xp.empty(new_cap, dtype=xp.float64)
+        norms32 = xp.empty(new_cap, dtype=xp.float32)
+        inv32 = xp.empty(new_cap, dtype=xp.float32)
         ids = np.empty(new_cap, dtype=np.uint64)
         if self.n:
             matrix[: self.n] = self._matrix[: self.n]
             norms[: self.n] = self._norms[: self.n]
+            norms32[: self.n] = self._norms32[: self.n]
+            inv32[: self.n] = self._inv32[: self.n]
             ids[: self.n] = self._ids[: self.n]
         self._matrix, self._norms, self._ids = matrix, norms, ids
+        self._norms32, self._inv32 = norms32, inv32
 
     def upsert(
         self, ids: npt.NDArray[np.uint64], vectors: npt.NDArray[np.float32], payloads: list[Payload | None]
@@ -131,13 +156,27 @@ class ColumnStore:
         dev_rows = self.backend.asarray(rows)
         dev_vectors = self.backend.asarray(vectors)
         self._matrix[dev_rows] = dev_vectors
-        self._norms[dev_rows] = row_norms_sq(xp, dev_vectors)
+        self._set_norms(dev_rows, row_norms_sq(xp, dev_vectors))
         self._ids[rows] = ids
         self.row_of.update(zip(ids[fresh].tolist(), new_rows.tolist()))
         self.payloads.extend([None] * int(fresh.shape[0]))
         for row, payload in zip(rows.tolist(), payloads):
             self.payloads[row] = payload
         self.n += int(fresh.shape[0])
+
+    def _set_norms(self, where: Any, norms: Any) -> None:
+        xp = self.backend.xp
+        self._norms[where] = norms
+        # Extreme rows overflow these float32 caches; search then scores in float64 (see
+        # norm_bounds), so the overflow is expected and harmless.
+        with np.errstate(divide="ignore", over="ignore"):
+            self._norms32[where] = norms.astype(xp.float32)
+            self._inv32[where] = (1.0 / xp.sqrt(norms)).astype(xp.float32)
+        if norms.shape[0]:
+            positive = norms[norms > 0]
+            self._max_norm_sq = max(self._max_norm_sq, float(xp.max(norms)))
+            if positive.shape[0]:
+                self._min_norm_sq = min(self._min_norm_sq, float(xp.min(positive)))
 
     def delete(self, rid: int) -> bool:
         """Remove one id; the last row moves into the hole. ``False`` if absent."""
@@ -148,6 +187,8 @@ class ColumnStore:
         if row != last:
             self._matrix[row] = self._matrix[last]
             self._norms[row] = self._norms[last]
+            self._norms32[row] = self._norms32[last]
+            self._inv32[row] = self._inv32[last]
             moved = int(self._ids[last])
             self._ids[row] = moved
             self.payloads[row] = self.payloads[last]
@@ -180,8 +221,13 @@ class ColumnStore:
         self._matrix[:n] = self.backend.asarray(matrix)
         live = self._matrix[:n]
         self._norms = xp.empty(cap, dtype=xp.float64)
+        self._norms32 = xp.empty(cap, dtype=xp.float32)
+        self._inv32 = xp.empty(cap, dtype=xp.float32)
+        self._max_norm_sq, self._min_norm_sq = 0.0, float("inf")
         if n:
-            self._norms[:n] = row_norms_sq(xp, live) if norms is None else self.backend.asarray(norms)
+            self._set_norms(
+                slice(0, n), row_norms_sq(xp, live) if norms is None else self.backend.asarray(norms)
+            )
         self._ids = np.empty(cap, dtype=np.uint64)
         self._ids[:n] = ids
         self.payloads = list(payloads)

@@ -195,7 +195,8 @@ class Vector:
 
     def to_numpy(self) -> npt.NDArray[np.float32]:
         """A read-only float32 view of the data."""
-        return self._data
+        # A view, not the buffer itself: a view of a read-only base cannot be made writeable again.
+        return self._data.view()
 
     def tolist(self) -> list[float]:
         """The elements as Python floats."""
@@ -205,7 +206,7 @@ class Vector:
         if copy:
             return np.array(self._data, dtype=dtype, copy=True)
         if dtype is None or np.dtype(dtype) == self._data.dtype:
-            return self._data
+            return self._data.view()
         return self._data.astype(dtype)
 
     def __eq__(self, other: object) -> bool:
@@ -397,6 +398,19 @@ class SearchResult:
     id: RecordId
     score: float
     payload: Payload | None = None
+
+    def __post_init__(self) -> None:
+        # Search builds canonical values already; a result built by hand is normalised here.
+        if type(self.id) is not RecordId:
+            object.__setattr__(self, "id", RecordId(self.id))
+        if type(self.score) is not float:
+            score: Any = self.score
+            real = isinstance(score, (int, float, np.integer, np.floating))
+            if isinstance(score, (bool, np.bool_)) or not real:
+                raise InvalidArgument(f"score must be a real number, got {type(score).__name__}")
+            object.__setattr__(self, "score", float(score))
+        if self.payload is not None and type(self.payload) is not Payload:
+            object.__setattr__(self, "payload", coerce_payload(self.payload))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SearchResult):

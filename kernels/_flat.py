@@ -37,7 +37,10 @@ __all__ = ["SearchOutput", "exact_scores", "flat_topk"]
 Array = Any  # an xp.ndarray
 
 _U = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
-_SAFE_NORM_SQ = 1e36  # below this, float32 products and sums cannot overflow
+# Coarse scores are float32 when every nonzero squared norm lies in this range: no overflow,
+# no subnormal products (whose absolute error the relative bound `tol` would not cover), and
+# 1/|x| fits float32. Otherwise they are computed in float64.
+_SAFE_NORM_SQ = (1e-30, 1e36)
 _MARGIN = 8  # extra candidates kept per query beyond k
 
 
@@ -70,6 +73,31 @@ def exact_scores(xp: Any, metric: str, A: Array, q: Array) -> Array:
     return xp.where(denom == 0, xp.nan, out)
 
 
+@dataclass(frozen=True)
+class _Candidates:
+    """The rows a search may return: all of ``X`` (``rows is None``) or a subset, with the
+    per-row columns the coarse scores need, restricted to those rows."""
+
+    X: Array
+    rows: Array | None
+    norms: Array  # float64 squared norms
+    norms32: Array
+    inv32: Array | None  # 1/|x| as float32 (COSINE only); inf for a zero row
+
+    @property
+    def n(self) -> int:
+        return int(self.norms.shape[0])
+
+    def row_index(self, t0: int, cols: Array, xp: Any) -> Array:
+        """Row indices into ``X`` of candidate positions ``t0 + cols``."""
+        if self.rows is None:
+            return cols.astype(xp.int64) + t0
+        return self.rows[t0 + cols]
+
+    def all_rows(self, xp: Any) -> Array:
+        return xp.arange(self.X.shape[0], dtype=xp.int64) if self.rows is None else self.rows
+
+
 def flat_topk(
     xp: Any,
     X: Array,
@@ -80,7 +108,10 @@ def flat_topk(
     metric: str,
     rows: Array | None = None,
     *,
-    working_set: int = 64 << 20,
+    norms32: Array | None = None,
+    inv_norms32: Array | None = None,
+    norm_bounds: tuple[float, float] | None = None,
+    working_set: int = 32 << 20,
 ) -> SearchOutput:
     """Exact top-``k`` of every query in ``Q`` over the rows of ``X``.
 
@@ -101,9 +132,14 @@ def flat_topk(
     metric
         ``"l2"``, ``"cosine"`` or ``"dot"``.
     rows
-        Optional sorted int64 indices into ``X``: search only these rows (a pre-filter).
+        Optional int64 indices into ``X``: search only these rows (a pre-filter).
+    norms32, inv_norms32
+        Optional caches of ``norms_sq`` as float32 and of ``1/sqrt(norms_sq)`` as float32
+        (computed here when absent).
+    norm_bounds
+        Optional ``(lower, upper)`` bounds on the nonzero squared norms (computed when absent).
     working_set
-        Bytes of score tile per query block; bounds extra memory independently of ``m`` and ``n``.
+        Bytes of score tile per query block: extra memory stays bounded for any ``m`` and ``n``.
 
     Returns
     -------
@@ -117,41 +153,54 @@ def flat_topk(
     out_scores = xp.empty((m, count), dtype=xp.float64)
     if count == 0 or m == 0:
         return SearchOutput(out_rows, out_scores, count)
-    cand_rows = xp.arange(X.shape[0], dtype=xp.int64) if rows is None else rows
-    cand_norms = norms_sq if rows is None else norms_sq[rows]
-    max_norm_sq = float(xp.max(cand_norms))
-    # Queries per block: enough to make the matrix product efficient, few enough that a tile
-    # of at least 4096 rows fits the working set.
-    block = max(1, min(m, working_set // (4 * 4096)))
+    with np.errstate(divide="ignore", over="ignore"):
+        if norms32 is None:
+            norms32 = norms_sq.astype(xp.float32)
+        if metric == "cosine" and inv_norms32 is None:
+            inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
+    inv = inv_norms32 if metric == "cosine" else None
+    if rows is None:
+        cand = _Candidates(X, None, norms_sq, norms32, inv)
+    else:
+        cand = _Candidates(X, rows, norms_sq[rows], norms32[rows], None if inv is None else inv[rows])
+    if norm_bounds is None or rows is not None:
+        positive = cand.norms[cand.norms > 0]
+        norm_bounds = (float(xp.min(positive)), float(xp.max(positive))) if positive.shape[0] else (1.0, 0.0)
+    # Queries per block: all of them up to 1024 (the product's efficiency grows with the block),
+    # with a tile of rows sized so the score tile fits the working set.
+    block = max(1, min(m, 1024, working_set // (4 * 1024)))
     for q0 in range(0, m, block):
-        Qb = Q[q0 : q0 + block]
-        r, s = _search_block(
-            xp, X, cand_rows, cand_norms, ids, Qb, k, count, metric, max_norm_sq, working_set, rows is None
-        )
+        r, s = _search_block(xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set)
         out_rows[q0 : q0 + block] = r
         out_scores[q0 : q0 + block] = s
     return SearchOutput(out_rows, out_scores, count)
 
 
+_SAMPLE = 2048  # columns of the first tile used to seed each query's admission threshold
+
+
 def _search_block(
     xp: Any,
-    X: Array,
-    cand_rows: Array,
-    cand_norms: Array,
+    cand: _Candidates,
     ids: Array,
     Qb: Array,
     k: int,
     count: int,
     metric: str,
-    max_norm_sq: float,
+    norm_bounds: tuple[float, float],
     working_set: int,
-    contiguous: bool,
 ) -> tuple[Array, Array]:
     mb, d = int(Qb.shape[0]), int(Qb.shape[1])
-    n = int(cand_rows.shape[0])
+    n = cand.n
     Q64 = Qb.astype(xp.float64)
     q_norm_sq = xp.sum(Q64 * Q64, axis=1)
-    wide = max_norm_sq > _SAFE_NORM_SQ or float(xp.max(q_norm_sq)) > _SAFE_NORM_SQ
+    lo, hi = _SAFE_NORM_SQ
+    positive_q = q_norm_sq[q_norm_sq > 0]
+    wide = not (
+        (norm_bounds[1] == 0 or lo <= norm_bounds[0] <= norm_bounds[1] <= hi)
+        and (positive_q.shape[0] == 0 or lo <= float(xp.min(positive_q)) <= float(xp.max(positive_q)) <= hi)
+    )
+    max_norm_sq = max(norm_bounds[1], 0.0)
     cdtype = xp.float64 if wide else xp.float32
     u = _U if not wide else float(np.finfo(np.float64).eps) / 2
     # Coarse query operand, chosen so a single product gives a score monotone in the distance,
@@ -167,16 +216,22 @@ def _search_block(
             Qc = (-Q64 / xp.sqrt(q_norm_sq)[:, None]).astype(cdtype)
         tol = xp.full(mb, 2 * (d + 6) * u)
     c = min(n, k + _MARGIN)
-    tile = max(4096, working_set // (4 * mb))
+    tile = n if mb == 1 else max(1024, working_set // (4 * mb))
+    scratch = xp.empty((mb, min(tile, n)), dtype=cdtype)
     best_s = xp.full((mb, c), xp.inf, dtype=cdtype)
     best_r = xp.full((mb, c), -1, dtype=xp.int64)
-    thr = xp.full(mb, xp.inf, dtype=cdtype)
+    thr = None
     for t0 in range(0, n, tile):
-        S, tile_rows = _coarse_tile(
-            xp, X, cand_rows, cand_norms, Qc, metric, t0, t0 + tile, cdtype, contiguous
-        )
-        best_s, best_r = _merge(xp, best_s, best_r, S, tile_rows, thr, c, first=t0 == 0)
-        thr = _threshold(xp, best_s)
+        S = _coarse_tile(xp, cand, Qc, metric, t0, min(t0 + tile, n), cdtype, scratch)
+        if thr is None:
+            # Seed the admission bound with the c-th best of a sample: an upper bound of the
+            # final c-th best, so nothing that belongs in the top c is ever filtered out.
+            width = min(S.shape[1], max(_SAMPLE, c))
+            thr = _nan_to_inf(xp, xp.partition(S[:, :width], c - 1, axis=1)[:, c - 1]) if width > c else None
+            if thr is None:
+                thr = xp.full(mb, xp.inf, dtype=cdtype)
+        best_s, best_r = _merge(xp, cand, best_s, best_r, S, t0, thr, c)
+        thr = _nan_to_inf(xp, xp.max(best_s, axis=1))
     # Sort the kept candidates by coarse score to find the k-th and check the margin.
     order = xp.argsort(best_s, axis=1)
     best_s = xp.take_along_axis(best_s, order, axis=1)
@@ -190,29 +245,19 @@ def _search_block(
     scores_out = xp.empty((mb, count), dtype=xp.float64)
     ok = xp.nonzero(safe)[0]
     if ok.shape[0]:
-        r, s = _finalize(xp, X, ids, Q64[ok], best_s[ok], best_r[ok], metric, count, cand_rows, cand_norms)
+        r, s = _finalize(xp, cand, ids, Q64[ok], best_s[ok], best_r[ok], metric, count)
         rows_out[ok] = r
         scores_out[ok] = s
     for i in _to_list(xp, xp.nonzero(~safe)[0]):
         bound = float(kth[i] + tol[i])
-        r, s = _rescan(
-            xp,
-            X,
-            cand_rows,
-            cand_norms,
-            ids,
-            Qc[i : i + 1],
-            Q64[i],
-            metric,
-            count,
-            bound,
-            cdtype,
-            tile * mb,
-            contiguous,
-        )
+        r, s = _rescan(xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype)
         rows_out[i] = r
         scores_out[i] = s
     return rows_out, scores_out
+
+
+def _nan_to_inf(xp: Any, a: Array) -> Array:
+    return xp.where(xp.isnan(a), xp.inf, a)
 
 
 def _to_list(xp: Any, a: Array) -> list[int]:
@@ -220,71 +265,59 @@ def _to_list(xp: Any, a: Array) -> list[int]:
 
 
 def _coarse_tile(
-    xp: Any,
-    X: Array,
-    cand_rows: Array,
-    cand_norms: Array,
-    Qc: Array,
-    metric: str,
-    t0: int,
-    t1: int,
-    cdtype: Any,
-    contiguous: bool,
-) -> tuple[Array, Array]:
-    """Coarse scores of the queries against candidate rows ``t0:t1``; returns ``(S, rows)``."""
-    tile_rows = cand_rows[t0:t1]
-    Xt = X[t0:t1] if contiguous else X[tile_rows]
+    xp: Any, cand: _Candidates, Qc: Array, metric: str, t0: int, t1: int, cdtype: Any, scratch: Array
+) -> Array:
+    """Coarse scores of the queries against candidates ``t0:t1``, written into ``scratch``."""
+    Xt = cand.X[t0:t1] if cand.rows is None else cand.X[cand.rows[t0:t1]]
     if cdtype != xp.float32:
         Xt = Xt.astype(cdtype)
-    # One query: a matrix-vector product streams X once at memory bandwidth.
-    S = (Xt @ Qc[0])[None, :] if Qc.shape[0] == 1 else Qc @ Xt.T
-    nrm = cand_norms[t0:t1]
+    S = scratch[:, : t1 - t0]
+    if Qc.shape[0] == 1:
+        # One query: a matrix-vector product streams X once at memory bandwidth.
+        xp.matmul(Xt, Qc[0], out=S[0])
+    else:
+        xp.matmul(Qc, Xt.T, out=S)
     if metric == "l2":
-        S += nrm.astype(cdtype)
+        S += cand.norms32[t0:t1] if cdtype == xp.float32 else cand.norms[t0:t1]
     elif metric == "cosine":
-        with np.errstate(divide="ignore"):
-            inv = (1.0 / xp.sqrt(nrm)).astype(cdtype)
-        # A zero row has norm 0: 0 * inf = NaN marks it, and NaN ranks last.
+        inv = cand.inv32[t0:t1] if cand.inv32 is not None else None
+        if cdtype != xp.float32 or inv is None:
+            with np.errstate(divide="ignore"):
+                inv = (1.0 / xp.sqrt(cand.norms[t0:t1])).astype(cdtype)
+        # A zero row has 1/|x| = inf: 0 * inf = NaN marks it, and NaN ranks last.
         with np.errstate(invalid="ignore"):
             S *= inv
-    return S, tile_rows
-
-
-def _threshold(xp: Any, best_s: Array) -> Array:
-    """Each query's current admission bound: its worst kept score (+inf while a slot is empty)."""
-    worst = xp.max(best_s, axis=1)
-    return xp.where(xp.isnan(worst), xp.inf, worst)
+    return S
 
 
 def _merge(
-    xp: Any, best_s: Array, best_r: Array, S: Array, tile_rows: Array, thr: Array, c: int, first: bool
+    xp: Any, cand: _Candidates, best_s: Array, best_r: Array, S: Array, t0: int, thr: Array, c: int
 ) -> tuple[Array, Array]:
-    """Fold a tile of coarse scores into each query's ``c`` best."""
-    mb = S.shape[0]
-    if first:
-        cand_s, cand_r = S, xp.broadcast_to(tile_rows, S.shape)
-    else:
-        qi, col = xp.nonzero(S <= thr[:, None])
-        if qi.shape[0] == 0:
-            return best_s, best_r
-        counts = xp.bincount(qi, minlength=mb)
-        width = int(xp.max(counts))
-        starts = xp.cumsum(counts) - counts
-        slot = xp.arange(qi.shape[0]) - starts[qi]
-        cand_s = xp.full((mb, width), xp.nan, dtype=S.dtype)
-        cand_r = xp.full((mb, width), -1, dtype=xp.int64)
-        cand_s[qi, slot] = S[qi, col]
-        cand_r[qi, slot] = tile_rows[col]
-        cand_s = xp.concatenate([best_s, cand_s], axis=1)
-        cand_r = xp.concatenate([best_r, cand_r], axis=1)
-    if cand_s.shape[1] > c:
-        part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
-        return xp.take_along_axis(cand_s, part, axis=1), xp.take_along_axis(cand_r, part, axis=1)
-    pad = c - cand_s.shape[1]
-    if pad:
-        cand_s = xp.concatenate([cand_s, xp.full((mb, pad), xp.inf, dtype=S.dtype)], axis=1)
-        cand_r = xp.concatenate([cand_r, xp.full((mb, pad), -1, dtype=xp.int64)], axis=1)
-    return xp.ascontiguousarray(cand_s), xp.ascontiguousarray(cand_r)
+    """Fold a tile of coarse scores into each query's ``c`` best.
+
+    One comparison per score against the query's admission bound; only the few scores at or
+    below it are gathered (a flat index: NumPy's 2-D ``nonzero`` is an order of magnitude
+    slower than ``flatnonzero``).
+    """
+    mb, width_tile = S.shape
+    hits = xp.flatnonzero(S <= thr[:, None])
+    if hits.shape[0] == 0:
+        return best_s, best_r
+    qi = hits // width_tile
+    col = hits - qi * width_tile
+    counts = xp.bincount(qi, minlength=mb)
+    width = int(xp.max(counts))
+    starts = xp.cumsum(counts) - counts
+    slot = xp.arange(hits.shape[0]) - starts[qi]
+    cand_s = xp.full((mb, c + width), xp.nan, dtype=S.dtype)
+    cand_r = xp.full((mb, c + width), -1, dtype=xp.int64)
+    cand_s[:, :c] = best_s
+    cand_r[:, :c] = best_r
+    cand_s[qi, c + slot] = S.reshape(-1)[hits]
+    cand_r[qi, c + slot] = cand.row_index(t0, col, xp)
+    # Empty slots hold NaN and rank last; +inf placeholders in best_s rank before them.
+    part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
+    return xp.take_along_axis(cand_s, part, axis=1), xp.take_along_axis(cand_r, part, axis=1)
 
 
 def _order(xp: Any, scores: Array, row_ids: Array, valid: Array) -> Array:
@@ -305,61 +338,40 @@ def _order(xp: Any, scores: Array, row_ids: Array, valid: Array) -> Array:
 
 
 def _finalize(
-    xp: Any,
-    X: Array,
-    ids: Array,
-    Q64: Array,
-    coarse: Array,
-    cand: Array,
-    metric: str,
-    count: int,
-    cand_rows: Array,
-    cand_norms: Array,
+    xp: Any, cand: _Candidates, ids: Array, Q64: Array, coarse: Array, rows_in: Array, metric: str, count: int
 ) -> tuple[Array, Array]:
     """Exact scores for the kept candidates, then order by (score, id), NaN last, and cut."""
     # A NaN coarse score means an exact NaN (COSINE, zero vector); those are ranked apart.
-    valid = (cand >= 0) & ~xp.isnan(coarse)
-    safe_rows = xp.where(valid, cand, 0)
-    scores = exact_scores(xp, metric, X[safe_rows], Q64[:, None, :])
+    valid = (rows_in >= 0) & ~xp.isnan(coarse)
+    safe_rows = xp.where(valid, rows_in, 0)
+    scores = exact_scores(xp, metric, cand.X[safe_rows], Q64[:, None, :])
     order = _order(xp, scores, ids[safe_rows], valid)
     rows = xp.take_along_axis(safe_rows, order, axis=1)[:, :count]
     scores = xp.take_along_axis(scores, order, axis=1)[:, :count]
     nvalid = xp.sum(valid, axis=1)
     for i in _to_list(xp, xp.nonzero(nvalid < count)[0]):
-        rows[i], scores[i] = _fill_nan(
-            xp, X, ids, cand_rows, cand_norms, Q64[i], rows[i], int(nvalid[i]), metric, count
-        )
+        rows[i], scores[i] = _fill_nan(xp, cand, ids, Q64[i], rows[i], int(nvalid[i]), metric, count)
     return rows, scores
 
 
 def _fill_nan(
-    xp: Any,
-    X: Array,
-    ids: Array,
-    cand_rows: Array,
-    cand_norms: Array,
-    q: Array,
-    rows: Array,
-    have: int,
-    metric: str,
-    count: int,
+    xp: Any, cand: _Candidates, ids: Array, q: Array, rows: Array, have: int, metric: str, count: int
 ) -> tuple[Array, Array]:
     """Complete ``rows[have:count]`` with the rows whose score is NaN, smallest ids first.
 
     Only COSINE has NaN scores: every row when the query is zero, else the zero rows.
     """
-    nan_rows = cand_rows if float(xp.sum(q * q)) == 0 else cand_rows[cand_norms == 0]
+    all_rows = cand.all_rows(xp)
+    nan_rows = all_rows if float(xp.sum(q * q)) == 0 else all_rows[cand.norms == 0]
     nan_rows = nan_rows[xp.argsort(ids[nan_rows], kind="stable")]
     rows = rows.copy()
     rows[have:count] = nan_rows[: count - have]
-    return rows, exact_scores(xp, metric, X[rows], q)
+    return rows, exact_scores(xp, metric, cand.X[rows], q)
 
 
 def _rescan(
     xp: Any,
-    X: Array,
-    cand_rows: Array,
-    cand_norms: Array,
+    cand: _Candidates,
     ids: Array,
     Qc1: Array,
     q64: Array,
@@ -367,22 +379,20 @@ def _rescan(
     count: int,
     bound: float,
     cdtype: Any,
-    tile: int,
-    contiguous: bool,
 ) -> tuple[Array, Array]:
     """Near-ties crowd the margin: collect every row within ``bound``, score exactly, cut."""
     found = []
-    n = int(cand_rows.shape[0])
+    n = cand.n
+    tile = min(n, 1 << 20)
+    scratch = xp.empty((1, tile), dtype=cdtype)
     for t0 in range(0, n, tile):
-        S, tile_rows = _coarse_tile(
-            xp, X, cand_rows, cand_norms, Qc1, metric, t0, t0 + tile, cdtype, contiguous
-        )
-        found.append(tile_rows[S[0] <= bound])
+        S = _coarse_tile(xp, cand, Qc1, metric, t0, min(t0 + tile, n), cdtype, scratch)
+        found.append(cand.row_index(t0, xp.flatnonzero(S[0] <= bound), xp))
     rows = xp.concatenate(found)
-    scores = exact_scores(xp, metric, X[rows], q64)
+    scores = exact_scores(xp, metric, cand.X[rows], q64)
     order = _order(xp, scores[None, :], ids[rows][None, :], xp.ones((1, rows.shape[0]), dtype=bool))[0]
     have = min(count, int(rows.shape[0]))
     rows = xp.concatenate([rows[order][:have], xp.zeros(count - have, dtype=xp.int64)])
     if have < count:
-        return _fill_nan(xp, X, ids, cand_rows, cand_norms, q64, rows, have, metric, count)
-    return rows, exact_scores(xp, metric, X[rows], q64)
+        return _fill_nan(xp, cand, ids, q64, rows, have, metric, count)
+    return rows, exact_scores(xp, metric, cand.X[rows], q64)
