@@ -50,8 +50,9 @@ from ._snapshot import SnapshotData, read_snapshot, write_snapshot
 from ._store import ColumnStore
 from ._wal import (
     HEADER_SIZE,
+    Parts,
     decode_header,
-    encode_frame,
+    encode_frame_parts,
     encode_header,
     encode_sync,
     later_frame_watermarks,
@@ -111,18 +112,23 @@ class DurableBackend:
         self.poisoned = why
         log.error("iqdb: %s is poisoned: %s", self.path, why)
 
-    def _append(self, data: bytes) -> None:
-        """Append all of ``data`` to the WAL or leave the file as it was (else poison)."""
+    def _append(self, data: bytes | Parts) -> None:
+        """Append all of ``data`` (bytes, or pieces written in order) to the WAL, or leave the
+        file as it was (else poison)."""
         assert self._wal_fd is not None
         start = self._wal_size
-        view = memoryview(data)
+        pieces = [data] if isinstance(data, bytes) else data
+        written = 0
         try:
-            done = 0
-            while done < len(view):
-                n = self.fs.write(self._wal_fd, view[done:])
-                if n <= 0:
-                    raise OSError(errno.EIO, "write made no progress", self.wal_path)
-                done += n
+            for piece in pieces:
+                view = memoryview(piece)
+                done = 0
+                while done < len(view):
+                    n = self.fs.write(self._wal_fd, view[done:])
+                    if n <= 0:
+                        raise OSError(errno.EIO, "write made no progress", self.wal_path)
+                    done += n
+                written += done
         except BaseException as exc:
             # Cut off the partial frame now: a later append after it would turn a torn tail
             # into corruption in the middle of the log.
@@ -135,13 +141,13 @@ class DurableBackend:
             if isinstance(exc, OSError):
                 raise _storage_error(exc, "appending to the WAL failed") from exc
             raise
-        self._wal_size = start + len(data)
+        self._wal_size = start + written
 
     def log(self, op: Op) -> None:
         """Append ``op`` as one frame (all encoding before any I/O), fsync if ``sync="always"``."""
         with self._io:
             self._check_writable()
-            frame = encode_frame(op, self.last_seq + 1, self.generation, self._durable)
+            frame = encode_frame_parts(op, self.last_seq + 1, self.generation, self._durable)
             if self._wal_size == 0:
                 self._start_wal()
             self._append(frame)

@@ -72,7 +72,7 @@ def _crc(buf: Any) -> str:
     if buf is None:
         return "0"
     raw = buf.reshape(-1).view(np.uint8) if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
-    return str(zlib.crc32(raw))
+    return str(zlib.crc32(raw.data))
 
 
 def _buffers(payload_col: Any) -> tuple[Any, Any, Any]:
@@ -257,7 +257,10 @@ def read_snapshot(fs: FileSystem, path: str) -> SnapshotData:
             raise Corrupt(f"snapshot {key[4:]} checksum mismatch")
     if str(payload_col.null_count) != meta.get("payload_nulls"):
         raise Corrupt("snapshot payload null count mismatch")
-    payloads = [decode_payload(p) for p in payload_col.to_pylist()]
+    if payload_col.null_count == rows:
+        payloads: list[Payload | None] = [None] * rows
+    else:
+        payloads = [None if p is None else decode_payload(p) for p in payload_col.to_pylist()]
     return SnapshotData(
         ids=ids,
         vectors=vectors,

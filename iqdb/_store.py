@@ -18,6 +18,7 @@ Not thread-safe: the handle serialises writers and excludes readers while a writ
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -30,15 +31,16 @@ from .kernels import ArrayBackend
 __all__ = ["ColumnStore", "row_norms_sq"]
 
 _GROWTH = 1.25
+_F32_MAX = float(np.finfo(np.float32).max)
 _MIN_CAPACITY = 16
 
 
-def row_norms_sq(xp: Any, block: Any, chunk: int = 65536) -> Any:
-    """Float64 squared norms of float32 rows, in chunks so the float64 copy stays small."""
+def row_norms_sq(xp: Any, block: Any, chunk: int = 8192) -> Any:
+    """Float64 squared norms of float32 rows, in chunks so the float64 copy stays in cache."""
     out = xp.empty(block.shape[0], dtype=xp.float64)
     for r0 in range(0, block.shape[0], chunk):
         part = block[r0 : r0 + chunk].astype(xp.float64)
-        out[r0 : r0 + chunk] = xp.sum(part * part, axis=1)
+        out[r0 : r0 + chunk] = xp.einsum("ij,ij->i", part, part)
     return out
 
 
@@ -146,6 +148,9 @@ class ColumnStore:
             return
         d = int(vectors.shape[1])
         self.check_dim(d)
+        if m == 1:
+            self._upsert_one(int(ids[0]), vectors[0], payloads[0])
+            return
         xp = self.backend.xp
         rows = np.fromiter(map(self.row_of.get, ids.tolist(), [-1] * m), dtype=np.int64, count=m)
         existing = rows >= 0
@@ -153,16 +158,47 @@ class ColumnStore:
         self._reserve(int(fresh.shape[0]), d)
         new_rows = np.arange(self.n, self.n + fresh.shape[0], dtype=np.int64)
         rows[fresh] = new_rows
-        dev_rows = self.backend.asarray(rows)
         dev_vectors = self.backend.asarray(vectors)
-        self._matrix[dev_rows] = dev_vectors
-        self._set_norms(dev_rows, row_norms_sq(xp, dev_vectors))
+        norms = row_norms_sq(xp, dev_vectors)
+        if fresh.shape[0] == m:
+            # All new (the bulk-load case): one block copy at the end of the matrix.
+            where: Any = slice(self.n, self.n + m)
+        else:
+            where = self.backend.asarray(rows)
+        self._matrix[where] = dev_vectors
+        self._set_norms(where, norms)
         self._ids[rows] = ids
         self.row_of.update(zip(ids[fresh].tolist(), new_rows.tolist()))
-        self.payloads.extend([None] * int(fresh.shape[0]))
-        for row, payload in zip(rows.tolist(), payloads):
-            self.payloads[row] = payload
+        if fresh.shape[0] == m:
+            self.payloads.extend(payloads)
+        else:
+            self.payloads.extend([None] * int(fresh.shape[0]))
+            for row, payload in zip(rows.tolist(), payloads):
+                self.payloads[row] = payload
         self.n += int(fresh.shape[0])
+
+    def _upsert_one(self, rid: int, vector: npt.NDArray[np.float32], payload: Payload | None) -> None:
+        """The single-record write path, without array bookkeeping."""
+        v64 = vector.astype(np.float64)
+        nsq = float(np.dot(v64, v64))
+        row = self.row_of.get(rid)
+        if row is None:
+            self._reserve(1, int(vector.shape[0]))
+            row = self.n
+            self.row_of[rid] = row
+            self.payloads.append(payload)
+            self._ids[row] = rid
+            self.n += 1
+        else:
+            self.payloads[row] = payload
+        self._matrix[row] = self.backend.asarray(vector)
+        self._norms[row] = nsq
+        # float32 caches, clamped: rows beyond float32's range make search score in float64.
+        self._norms32[row] = min(nsq, _F32_MAX)
+        self._inv32[row] = min(1.0 / math.sqrt(nsq), _F32_MAX) if nsq > 0 else math.inf
+        if nsq > 0:
+            self._max_norm_sq = max(self._max_norm_sq, nsq)
+            self._min_norm_sq = min(self._min_norm_sq, nsq)
 
     def _set_norms(self, where: Any, norms: Any) -> None:
         xp = self.backend.xp

@@ -103,9 +103,8 @@ def as_matrix(data: object, what: str = "vectors") -> npt.NDArray[np.float32]:
     arr = np.ascontiguousarray(_check_numeric(arr))
     if arr.shape[1] == 0 and arr.shape[0] > 0:
         raise InvalidVector("vector is empty")
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        row = int(np.argmin(finite))
+    if not all(np.isfinite(arr[r0 : r0 + 65536]).all() for r0 in range(0, arr.shape[0], 65536)):
+        row = int(np.argmin(np.isfinite(arr).all(axis=1)))
         raise InvalidVector(f"vector contains a non-finite value (row {row})")
     return arr
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import Union
 
 import numpy as np
 
@@ -46,9 +47,11 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "Frame",
+    "Parts",
     "ScanResult",
     "decode_header",
     "encode_frame",
+    "encode_frame_parts",
     "encode_header",
     "encode_sync",
     "later_frame_watermarks",
@@ -70,7 +73,10 @@ _COUNTS = struct.Struct("<II")
 def _crc(data: bytes | memoryview, seed: int) -> int:
     """CRC32 seeded by the generation and masked (LevelDB's rotate-and-add), so a CRC stored
     inside checksummed data, zero-filled space or a frame of another generation never matches."""
-    c = zlib.crc32(data, seed & 0xFFFFFFFF)
+    return _mask(zlib.crc32(data, seed & 0xFFFFFFFF))
+
+
+def _mask(c: int) -> int:
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -102,37 +108,49 @@ def decode_header(data: bytes | memoryview) -> int:
     return int(generation)
 
 
-def _frame(kind: int, body: bytes, seq: int, generation: int, synced_upto: int) -> bytes:
-    body_crc = _crc(body, generation)
-    rest = _FRAME.pack(0, kind, 0, 0, generation & 0xFFFFFFFF, body_crc, len(body), seq, synced_upto)[4:]
-    pad = (-(FRAME_HEADER_SIZE + len(body))) % 8
-    return struct.pack("<I", _crc(rest, generation)) + rest + body + b"\0" * pad
+Parts = list[Union[bytes, memoryview]]  # noqa: UP007
 
 
-def encode_frame(op: Op, seq: int, generation: int, synced_upto: int) -> bytes:
-    """One frame holding ``op``. Pure: all encoding happens before any I/O."""
+def _frame(kind: int, body: Parts, seq: int, generation: int, synced_upto: int) -> Parts:
+    """Frame the body pieces without joining them (a bulk upsert's vectors are not copied)."""
+    running = generation & 0xFFFFFFFF
+    length = 0
+    for piece in body:
+        running = zlib.crc32(piece, running)
+        length += len(piece)
+    rest = _FRAME.pack(0, kind, 0, 0, generation & 0xFFFFFFFF, _mask(running), length, seq, synced_upto)[4:]
+    pad = (-(FRAME_HEADER_SIZE + length)) % 8
+    return [struct.pack("<I", _crc(rest, generation)) + rest, *body, b"\0" * pad]
+
+
+def encode_frame_parts(op: Op, seq: int, generation: int, synced_upto: int) -> Parts:
+    """One frame holding ``op``, as buffers to write in order. Pure: no I/O."""
     if isinstance(op, DeleteOp):
         ids = np.ascontiguousarray(op.ids, dtype="<u8")
-        body = _COUNTS.pack(len(ids), 0) + ids.tobytes()
-        return _frame(T_DELETE, body, seq, generation, synced_upto)
+        return _frame(T_DELETE, [_COUNTS.pack(len(ids), 0), ids.data.cast("B")], seq, generation, synced_upto)
     count, dim = op.vectors.shape
     encoded = [encode_payload(p) for p in op.payloads]
     lengths = np.array([_NO_PAYLOAD if e is None else len(e) for e in encoded], dtype="<u4")
-    body = b"".join(
-        [
-            _COUNTS.pack(count, dim),
-            np.ascontiguousarray(op.ids, dtype="<u8").tobytes(),
-            np.ascontiguousarray(op.vectors, dtype="<f4").tobytes(),
-            lengths.tobytes(),
-            *[e for e in encoded if e is not None],
-        ]
-    )
+    ids = np.ascontiguousarray(op.ids, dtype="<u8")
+    vectors = np.ascontiguousarray(op.vectors, dtype="<f4")
+    body: Parts = [
+        _COUNTS.pack(count, dim),
+        ids.data.cast("B"),
+        vectors.reshape(-1).data.cast("B"),
+        lengths.tobytes(),
+        b"".join(e for e in encoded if e is not None),
+    ]
     return _frame(T_UPSERT, body, seq, generation, synced_upto)
+
+
+def encode_frame(op: Op, seq: int, generation: int, synced_upto: int) -> bytes:
+    """One frame holding ``op``, as one ``bytes``."""
+    return b"".join(encode_frame_parts(op, seq, generation, synced_upto))
 
 
 def encode_sync(seq: int, generation: int, synced_upto: int) -> bytes:
     """A SYNC frame: records that ``[0, synced_upto)`` is durable."""
-    return _frame(T_SYNC, b"", seq, generation, synced_upto)
+    return b"".join(_frame(T_SYNC, [], seq, generation, synced_upto))
 
 
 def _decode_body(kind: int, body: memoryview) -> Op:

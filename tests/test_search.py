@@ -66,7 +66,9 @@ def brute(ids: list[int], X: Any, q: Any, k: int, metric: str) -> list[tuple[int
     if not ids:
         return []
     s = scores_f64(X, q, metric)
-    order = sorted(range(len(ids)), key=lambda i: (math.isnan(s[i]), 0.0 if math.isnan(s[i]) else s[i], ids[i]))
+    order = sorted(
+        range(len(ids)), key=lambda i: (math.isnan(s[i]), 0.0 if math.isnan(s[i]) else s[i], ids[i])
+    )
     return [(ids[i], float(s[i])) for i in order[:k]]
 
 
@@ -77,7 +79,8 @@ def pairs(results: list[SearchResult]) -> list[tuple[int, float]]:
 def same(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> bool:
     """Equal ids and bit-equal scores (NaN equal to NaN)."""
     return len(got) == len(want) and all(
-        gi == wi and (gs == ws or (math.isnan(gs) and math.isnan(ws))) for (gi, gs), (wi, ws) in zip(got, want)
+        gi == wi and (gs == ws or (math.isnan(gs) and math.isnan(ws)))
+        for (gi, gs), (wi, ws) in zip(got, want)
     )
 
 
@@ -501,7 +504,13 @@ def test_search_batch_equals_per_query_search_for_every_input_form(make_db: Make
     Q = rng.integers(-3, 4, size=(6, 3)).astype(np.float64)
     Q[2] = 0.0
     Q[3] = model[next(iter(model))]
-    forms: list[Any] = [Q, Q.astype(np.float32), [Vector(q) for q in Q], Q.tolist(), [tuple(q) for q in Q.tolist()]]
+    forms: list[Any] = [
+        Q,
+        Q.astype(np.float32),
+        [Vector(q) for q in Q],
+        Q.tolist(),
+        [tuple(q) for q in Q.tolist()],
+    ]
     for k in (1, 5, 30, 31):
         want = [db.search(q, k, metric) for q in Q]
         for form in forms:

@@ -87,7 +87,17 @@ def test_input_that_is_not_one_dimensional_is_rejected_naming_the_problem(data: 
 
 @pytest.mark.parametrize(
     "data",
-    ["ab", b"ab", bytearray(b"ab"), ["a", "b"], [1.0, None], [1 + 2j], {"a": 1.0}, [[1.0], [1.0, 2.0]], object()],
+    [
+        "ab",
+        b"ab",
+        bytearray(b"ab"),
+        ["a", "b"],
+        [1.0, None],
+        [1 + 2j],
+        {"a": 1.0},
+        [[1.0], [1.0, 2.0]],
+        object(),
+    ],
     ids=["str", "bytes", "bytearray", "str-list", "none", "complex", "dict", "ragged", "object"],
 )
 def test_non_numeric_input_is_rejected(data: object) -> None:
@@ -411,7 +421,9 @@ def test_unsupported_nested_value_names_its_path() -> None:
     assert "SECRET" not in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["\ud800", "secret\udfff", "ok\ud83d"], ids=["lone-high", "lone-low", "half-pair"])
+@pytest.mark.parametrize(
+    "bad", ["\ud800", "secret\udfff", "ok\ud83d"], ids=["lone-high", "lone-low", "half-pair"]
+)
 def test_strings_that_cannot_be_utf8_encoded_raise_naming_the_key(bad: str) -> None:
     with pytest.raises(InvalidArgument, match="'k'") as info:
         Payload({"k": bad})
@@ -431,7 +443,9 @@ def test_non_utf8_key_is_rejected() -> None:
         Payload({"\ud800": 1})
 
 
-@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**64, np.uint64(2**63)], ids=["2**63", "-2**63-1", "2**64", "u64"])
+@pytest.mark.parametrize(
+    "value", [2**63, -(2**63) - 1, 2**64, np.uint64(2**63)], ids=["2**63", "-2**63-1", "2**64", "u64"]
+)
 def test_ints_outside_signed_64_bits_are_rejected_without_echoing_them(value: object) -> None:
     with pytest.raises(InvalidArgument, match="'n'") as info:
         Payload({"n": value})
@@ -650,11 +664,15 @@ def test_cosine_is_one_minus_cosine_similarity() -> None:
     assert DistanceMetric.COSINE.distance([1.0, 0.0], [0.0, 2.0]) == 1.0
     assert DistanceMetric.COSINE.distance([1.0, 0.0], [-3.0, 0.0]) == 2.0
     assert DistanceMetric.COSINE.distance([1.0, 0.0], [5.0, 0.0]) == 0.0
-    assert DistanceMetric.COSINE.distance([1.0, 0.0], [1.0, 1.0]) == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-15)
+    assert DistanceMetric.COSINE.distance([1.0, 0.0], [1.0, 1.0]) == pytest.approx(
+        1 - 1 / math.sqrt(2), abs=1e-15
+    )
 
 
 @pytest.mark.parametrize(
-    ("a", "b"), [([0.0, 0.0], [1.0, 2.0]), ([1.0, 2.0], [0.0, 0.0]), ([0.0], [0.0])], ids=["left", "right", "both"]
+    ("a", "b"),
+    [([0.0, 0.0], [1.0, 2.0]), ([1.0, 2.0], [0.0, 0.0]), ([0.0], [0.0])],
+    ids=["left", "right", "both"],
 )
 def test_cosine_with_a_zero_vector_is_nan(a: list[float], b: list[float]) -> None:
     assert math.isnan(DistanceMetric.COSINE.distance(a, b))
@@ -840,7 +858,15 @@ def _through_json(data: Mapping[str, Any]) -> Any:
         Record(5, [1.0], {"$dict": {"x": 1}}),
         Record(6, [1.0], {"list_of_tags": [{"$float": "nan"}, {"$bytes": "zz"}, b"\x01"]}),
     ],
-    ids=["no-payload", "empty-payload", "rich", "tag-lookalike", "bytes-tag-key", "dict-tag-key", "tags-in-list"],
+    ids=[
+        "no-payload",
+        "empty-payload",
+        "rich",
+        "tag-lookalike",
+        "bytes-tag-key",
+        "dict-tag-key",
+        "tags-in-list",
+    ],
 )
 def test_record_to_dict_from_dict_round_trips_through_json(record: Record) -> None:
     back = Record.from_dict(_through_json(record.to_dict()))
@@ -897,7 +923,17 @@ def test_from_dict_rejects_missing_keys() -> None:
 
 @pytest.mark.parametrize(
     "cls",
-    [InvalidVector, DimensionMismatch, InvalidArgument, InvalidConfig, Corrupt, StorageError, Closed, Locked, DeviceUnavailable],
+    [
+        InvalidVector,
+        DimensionMismatch,
+        InvalidArgument,
+        InvalidConfig,
+        Corrupt,
+        StorageError,
+        Closed,
+        Locked,
+        DeviceUnavailable,
+    ],
 )
 def test_every_error_is_an_iqdb_error(cls: type[Exception]) -> None:
     assert issubclass(cls, IqdbError)
