@@ -12,7 +12,8 @@ Layout: ``matrix[:n]`` (float32, C-contiguous, amortised growth by 1.2x), ``ids[
 ``norms[:n]`` (float64 squared norms, kept in step, with float32 caches of the norm and of
 ``1/|x|`` for the coarse scores), ``payloads[:n]`` (a list) and ``row_of`` (id -> row, an
 :class:`IdIndex`). At d = 128 all of it but the payloads stays under 1.3 x n x d x 4 bytes.
-A delete moves the last row into the hole, so rows ``0..n`` are always live and a search never skips tombstones.
+A delete moves the last row into the hole, so rows ``0..n`` are always live and a search
+never skips tombstones.
 
 Not thread-safe: the handle serialises writers and excludes readers while a write is applied.
 """
