@@ -71,15 +71,23 @@ def make_db(backend: tuple[str, str], tmp_path: Path) -> Iterator[Callable[[], i
 
 
 @pytest.fixture
-def reopen(backend: tuple[str, str]) -> Callable[[iqdb.Iqdb], iqdb.Iqdb]:
-    """Close and reopen a durable database (same directory); a memory database is returned as is."""
+def reopen(backend: tuple[str, str]) -> Iterator[Callable[[iqdb.Iqdb], iqdb.Iqdb]]:
+    """Close and reopen a durable database (same directory); a memory database is returned as is.
+
+    Every handle it opens is closed at teardown.
+    """
     storage, device = backend
+    opened: list[iqdb.Iqdb] = []
 
     def do(db: iqdb.Iqdb) -> iqdb.Iqdb:
         if storage == "memory":
             return db
         path = db._backend.path  # type: ignore[attr-defined]
         db.close()
-        return iqdb.open(path, device=device)
+        new = iqdb.open(path, device=device)
+        opened.append(new)
+        return new
 
-    return do
+    yield do
+    for db in opened:
+        db.close()

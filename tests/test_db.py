@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,6 @@ MakeDb = Callable[[], Iqdb]
 Reopen = Callable[[Iqdb], Iqdb]
 
 needs_no_gpu = pytest.mark.skipif(GPU_SKIP is None, reason="a GPU is usable here, so GPU spellings succeed")
-
-
-@pytest.fixture
-def persist(reopen: Reopen) -> Iterator[Reopen]:
-    """``reopen`` that also closes every handle it opened at teardown."""
-    handles: list[Iqdb] = []
-
-    def do(db: Iqdb) -> Iqdb:
-        new = reopen(db)
-        handles.append(new)
-        return new
-
-    yield do
-    for h in handles:
-        h.close()
 
 
 def state(db: Iqdb, ids: list[int]) -> list[Record | None]:
@@ -127,18 +112,18 @@ def test_device_property(make_db: MakeDb, backend: tuple[str, str]) -> None:
 # --- upsert -------------------------------------------------------------------------------------------
 
 
-def test_upsert_inserts(make_db: MakeDb, persist: Reopen) -> None:
+def test_upsert_inserts(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     rec = Record(7, [1.0, 2.0, 3.0], {"name": "seven"})
     db.upsert(rec)
     assert len(db) == 1
     assert 7 in db
     assert db.get(7) == rec
-    db = persist(db)
+    db = reopen(db)
     assert db.get(7) == rec
 
 
-def test_upsert_replaces_the_whole_record_including_the_payload(make_db: MakeDb, persist: Reopen) -> None:
+def test_upsert_replaces_the_whole_record_including_the_payload(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     db.upsert(Record(1, [1.0, 0.0], {"old": True, "keep": "no"}))
     db.upsert(Record(2, [0.0, 1.0], {"other": 1}))
@@ -148,7 +133,7 @@ def test_upsert_replaces_the_whole_record_including_the_payload(make_db: MakeDb,
     db.upsert(Record(1, [6.0, 6.0]))  # no payload: the old one must not survive
     assert db.get(1) == Record(1, [6.0, 6.0], None)
     assert db.get(2) == Record(2, [0.0, 1.0], {"other": 1})
-    db = persist(db)
+    db = reopen(db)
     assert db.get(1) == Record(1, [6.0, 6.0], None)
     assert db.get(1).payload is None  # type: ignore[union-attr]
     assert len(db) == 2
@@ -182,7 +167,7 @@ def test_first_vector_fixes_the_dimension(make_db: MakeDb) -> None:
     assert type(db.dim) is int
 
 
-def test_other_dimension_raises_and_changes_nothing(make_db: MakeDb, persist: Reopen) -> None:
+def test_other_dimension_raises_and_changes_nothing(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     db.upsert(Record(1, [1.0, 2.0, 3.0], {"v": 1}))
     with pytest.raises(DimensionMismatch) as info:
@@ -199,12 +184,12 @@ def test_other_dimension_raises_and_changes_nothing(make_db: MakeDb, persist: Re
     assert 5 not in db
     assert db.get(1) == Record(1, [1.0, 2.0, 3.0], {"v": 1})
     assert db.dim == 3
-    db = persist(db)
+    db = reopen(db)
     assert len(db) == 1
     assert db.get(1) == Record(1, [1.0, 2.0, 3.0], {"v": 1})
 
 
-def test_dimension_stays_fixed_after_deleting_every_record(make_db: MakeDb, persist: Reopen) -> None:
+def test_dimension_stays_fixed_after_deleting_every_record(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     db.upsert_many([1, 2], [[1.0, 2.0], [3.0, 4.0]])
     assert db.delete(1)
@@ -214,7 +199,7 @@ def test_dimension_stays_fixed_after_deleting_every_record(make_db: MakeDb, pers
     with pytest.raises(DimensionMismatch) as info:
         db.upsert(Record(3, [1.0, 2.0, 3.0]))
     assert (info.value.left, info.value.right) == (3, 2)
-    db = persist(db)
+    db = reopen(db)
     assert db.dim == 2
     with pytest.raises(DimensionMismatch):
         db.upsert(Record(3, [1.0, 2.0, 3.0]))
@@ -225,7 +210,7 @@ def test_dimension_stays_fixed_after_deleting_every_record(make_db: MakeDb, pers
 # --- upsert_many ----------------------------------------------------------------------------------------
 
 
-def test_upsert_many_inserts_every_row(make_db: MakeDb, persist: Reopen) -> None:
+def test_upsert_many_inserts_every_row(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     vectors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
     db.upsert_many([10, 20, 30], vectors, [{"n": 10}, None, {}])
@@ -233,7 +218,7 @@ def test_upsert_many_inserts_every_row(make_db: MakeDb, persist: Reopen) -> None
     assert db.dim == 2
     expected = [Record(10, [1.0, 0.0], {"n": 10}), Record(20, [0.0, 1.0]), Record(30, [1.0, 1.0], {})]
     assert state(db, [10, 20, 30]) == expected
-    db = persist(db)
+    db = reopen(db)
     assert state(db, [10, 20, 30]) == expected
     assert db.get(30).payload == {}  # type: ignore[union-attr]
     assert db.get(20).payload is None  # type: ignore[union-attr]
@@ -341,7 +326,7 @@ def test_upsert_many_copies_payloads(make_db: MakeDb) -> None:
     assert db.get(1) == Record(1, [1.0], {"l": [1]})
 
 
-def test_upsert_many_repeated_id_last_row_wins(make_db: MakeDb, persist: Reopen) -> None:
+def test_upsert_many_repeated_id_last_row_wins(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     db.upsert(Record(1, [0.0, 0.0], {"v": "before"}))
     db.upsert_many(
@@ -354,7 +339,7 @@ def test_upsert_many_repeated_id_last_row_wins(make_db: MakeDb, persist: Reopen)
     assert db.get(2) == Record(2, [2.0, 2.0], {"v": "two"})
     hits = db.search([5.0, 5.0], 10, "l2")
     assert [int(r.id) for r in hits] == [1, 3, 2]
-    db = persist(db)
+    db = reopen(db)
     assert db.get(1) == Record(1, [5.0, 5.0], {"v": "last"})
     assert len(db) == 3
 
@@ -457,7 +442,7 @@ def _replace(seq: list[Any], pos: int, value: Any) -> list[Any]:
     ],
 )
 def test_upsert_many_is_all_or_nothing(
-    make_db: MakeDb, persist: Reopen, ids: Any, vectors: Any, payloads: Any, error: type[Exception]
+    make_db: MakeDb, reopen: Reopen, ids: Any, vectors: Any, payloads: Any, error: type[Exception]
 ) -> None:
     db = make_db()
     db.upsert_many([1, 2, 3], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [{"v": "one"}, None, {}])
@@ -475,7 +460,7 @@ def test_upsert_many_is_all_or_nothing(
         assert handle.search([1.0, 0.5], 10, "l2") == before_search
 
     unchanged(db)
-    unchanged(persist(db))
+    unchanged(reopen(db))
 
 
 def test_failed_first_upsert_many_does_not_fix_the_dimension(make_db: MakeDb) -> None:
@@ -552,7 +537,7 @@ def test_invalid_ids_raise_invalid_argument(make_db: MakeDb, rid: Any) -> None:
     assert len(db) == 1
 
 
-def test_delete_reports_whether_a_record_was_removed(make_db: MakeDb, persist: Reopen) -> None:
+def test_delete_reports_whether_a_record_was_removed(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     db.upsert_many([1, 2, 3], [[1.0], [2.0], [3.0]])
     assert db.delete(2) is True
@@ -562,7 +547,7 @@ def test_delete_reports_whether_a_record_was_removed(make_db: MakeDb, persist: R
     assert 2 not in db
     assert db.get(2) is None
     assert state(db, [1, 3]) == [Record(1, [1.0]), Record(3, [3.0])]
-    db = persist(db)
+    db = reopen(db)
     assert len(db) == 2
     assert db.get(2) is None
     assert db.delete(2) is False
@@ -598,7 +583,7 @@ def test_dim_is_none_until_the_first_vector(make_db: MakeDb) -> None:
     assert db.dim == 128
 
 
-def test_payloads_survive_exactly(make_db: MakeDb, persist: Reopen) -> None:
+def test_payloads_survive_exactly(make_db: MakeDb, reopen: Reopen) -> None:
     payload = {
         "bytes": b"\x00\xff",
         "nan": math.nan,
@@ -613,7 +598,7 @@ def test_payloads_survive_exactly(make_db: MakeDb, persist: Reopen) -> None:
     db = make_db()
     db.upsert_many([1, 2, 3], [[1.0], [2.0], [3.0]], [payload, {}, None])
     for reopened in (False, True):
-        handle = persist(db) if reopened else db
+        handle = reopen(db) if reopened else db
         one = handle.get(1)
         assert one is not None
         assert one.payload == payload
@@ -623,14 +608,14 @@ def test_payloads_survive_exactly(make_db: MakeDb, persist: Reopen) -> None:
         assert handle.get(3).payload is None  # type: ignore[union-attr]
 
 
-def test_an_empty_database_closes_and_reopens(make_db: MakeDb, persist: Reopen) -> None:
-    db = persist(make_db())
+def test_an_empty_database_closes_and_reopens(make_db: MakeDb, reopen: Reopen) -> None:
+    db = reopen(make_db())
     assert len(db) == 0
     assert db.dim is None
     db.upsert_many([1, 2], [[1.0, 2.0], [3.0, 4.0]], [{}, None])
     db.delete(1)
     db.delete(2)
-    db = persist(db)
+    db = reopen(db)
     assert len(db) == 0
     assert db.dim == 2
     assert db.search([1.0, 2.0], 3) == []
@@ -639,13 +624,13 @@ def test_an_empty_database_closes_and_reopens(make_db: MakeDb, persist: Reopen) 
 # --- flush / close / context manager -----------------------------------------------------------------------
 
 
-def test_flush_keeps_every_write(make_db: MakeDb, persist: Reopen) -> None:
+def test_flush_keeps_every_write(make_db: MakeDb, reopen: Reopen) -> None:
     db = make_db()
     db.upsert_many([1, 2], [[1.0, 2.0], [3.0, 4.0]], [{"a": 1}, None])
     db.delete(2)
     assert db.flush() is None
     assert state(db, [1, 2]) == [Record(1, [1.0, 2.0], {"a": 1}), None]
-    db = persist(db)
+    db = reopen(db)
     assert state(db, [1, 2]) == [Record(1, [1.0, 2.0], {"a": 1}), None]
 
 

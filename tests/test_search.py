@@ -7,7 +7,7 @@ results must equal a brute-force reference exactly, ties included.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,21 +29,6 @@ from iqdb import (
 MakeDb = Callable[[], Iqdb]
 Reopen = Callable[[Iqdb], Iqdb]
 METRICS = ["l2", "cosine", "dot"]
-
-
-@pytest.fixture
-def persist(reopen: Reopen) -> Iterator[Reopen]:
-    """``reopen`` that also closes every handle it opened at teardown."""
-    handles: list[Iqdb] = []
-
-    def do(db: Iqdb) -> Iqdb:
-        new = reopen(db)
-        handles.append(new)
-        return new
-
-    yield do
-    for h in handles:
-        h.close()
 
 
 def scores_f64(X: Any, q: Any, metric: str) -> np.ndarray[Any, Any]:
@@ -598,7 +583,7 @@ def test_search_batch_with_many_queries_and_rows_spanning_several_tiles(make_db:
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_deletes_and_replacements_are_seen_by_search(make_db: MakeDb, persist: Reopen, metric: str) -> None:
+def test_deletes_and_replacements_are_seen_by_search(make_db: MakeDb, reopen: Reopen, metric: str) -> None:
     rng = np.random.default_rng(21)
     ids = [int(i) for i in rng.permutation(100)[:12]]
     X = rng.integers(-4, 5, size=(12, 3)).astype(np.float32)
@@ -641,7 +626,7 @@ def test_deletes_and_replacements_are_seen_by_search(make_db: MakeDb, persist: R
     check(db)
     assert not db.delete(123456)
     check(db)
-    check(persist(db))
+    check(reopen(db))
 
 
 def test_deleted_record_never_appears_in_search(make_db: MakeDb) -> None:
