@@ -88,6 +88,19 @@ def _buffers(payload_col: Any) -> tuple[Any, Any, Any]:
     return bits, offs, raw
 
 
+def _column_crcs(ids: Any, vectors: Any, norms: Any, payload_col: Any) -> dict[str, str]:
+    """CRC32 of every buffer that carries meaning, as the metadata stores them."""
+    bits, offs, raw = _buffers(payload_col)
+    return {
+        "crc_ids": _crc(ids),
+        "crc_vectors": _crc(vectors),
+        "crc_norms": _crc(norms),
+        "crc_payload_offsets": _crc(offs),
+        "crc_payload_data": _crc(raw),
+        "crc_payload_validity": _crc(bits),
+    }
+
+
 def _meta_crc(meta: dict[str, str]) -> str:
     blob = "\n".join(f"{k}={meta[k]}" for k in _KEYS).encode()
     return str(zlib.crc32(blob))
@@ -112,7 +125,6 @@ def write_snapshot(fs: FileSystem, path: str, data: SnapshotData) -> None:
     norms = np.ascontiguousarray(data.norms if data.norms is not None else np.zeros(n), dtype=np.float64)
     encoded = [encode_payload(p) for p in data.payloads]
     payload_col = pa.array(encoded, type=pa.large_binary())
-    bits, offs, raw = _buffers(payload_col)
     meta = {
         "version": FORMAT_VERSION,
         "dim": "none" if data.dim is None else str(data.dim),
@@ -120,12 +132,7 @@ def write_snapshot(fs: FileSystem, path: str, data: SnapshotData) -> None:
         "last_seq": str(data.last_seq),
         "rows": str(n),
         "payload_nulls": str(payload_col.null_count),
-        "crc_ids": _crc(ids),
-        "crc_vectors": _crc(vectors),
-        "crc_norms": _crc(norms),
-        "crc_payload_offsets": _crc(offs),
-        "crc_payload_data": _crc(raw),
-        "crc_payload_validity": _crc(bits),
+        **_column_crcs(ids, vectors, norms, payload_col),
     }
     meta["meta_crc"] = _meta_crc(meta)
     schema = _schema(dim).with_metadata({f"iqdb.{k}": v for k, v in meta.items()})
@@ -243,16 +250,7 @@ def read_snapshot(fs: FileSystem, path: str) -> SnapshotData:
     voff = 4 * (vec_col.values.offset + width * vec_col.offset)
     vectors = np.frombuffer(vbuf, dtype="<f4", count=rows * width, offset=voff).reshape(rows, width)
     norms = np.frombuffer(norm_col.buffers()[1], dtype="<f8", count=rows, offset=8 * norm_col.offset)
-    bits, offs, raw = _buffers(payload_col)
-    checks = {
-        "crc_ids": _crc(ids),
-        "crc_vectors": _crc(vectors),
-        "crc_norms": _crc(norms),
-        "crc_payload_offsets": _crc(offs),
-        "crc_payload_data": _crc(raw),
-        "crc_payload_validity": _crc(bits),
-    }
-    for key, value in checks.items():
+    for key, value in _column_crcs(ids, vectors, norms, payload_col).items():
         if meta.get(key) != value:
             raise Corrupt(f"snapshot {key[4:]} checksum mismatch")
     if str(payload_col.null_count) != meta.get("payload_nulls"):
