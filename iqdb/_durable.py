@@ -367,7 +367,18 @@ def open_durable(
     path = os.path.abspath(path)
     backend = DurableBackend(fs, path, readonly, sync, wal_limit)
     try:
-        _open(backend, store)
+        for attempt in range(_READONLY_RETRIES):
+            before = _fingerprint(fs, backend)
+            try:
+                _open(backend, store)
+                break
+            except Corrupt:
+                # A read-only reader takes no lock, so a writer may compact between its reads
+                # of `snap` and `wal` (a new snapshot with an old log, or the reverse). If the
+                # files changed meanwhile, read them again; damage that stays put is reported.
+                if not readonly or attempt == _READONLY_RETRIES - 1 or _fingerprint(fs, backend) == before:
+                    raise
+                store.clear()
     except OSError as exc:
         backend._release()
         raise _storage_error(exc, f"opening {path!r} failed") from exc
@@ -375,6 +386,13 @@ def open_durable(
         backend._release()
         raise
     return backend
+
+
+_READONLY_RETRIES = 5
+
+
+def _fingerprint(fs: FileSystem, b: DurableBackend) -> tuple[object, ...]:
+    return tuple(fs.stat_key(p) for p in (b.snap_path, b.wal_path))
 
 
 def _open(b: DurableBackend, store: ColumnStore) -> None:

@@ -84,6 +84,14 @@ class FileSystem:
         """``os.path.exists``."""
         return os.path.exists(path)
 
+    def stat_key(self, path: str) -> tuple[int, int, int] | None:
+        """(inode, size, mtime in ns) of ``path``, or ``None`` if absent: tells whether it changed."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def isdir(self, path: str) -> bool:
         """``os.path.isdir``."""
         return os.path.isdir(path)

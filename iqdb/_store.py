@@ -52,6 +52,11 @@ class ColumnStore:
 
     def __init__(self, backend: ArrayBackend) -> None:
         self.backend = backend
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every record and the dimension (a fresh, empty store)."""
+        backend = self.backend
         self.dim: int | None = None
         self.n = 0
         xp = backend.xp
@@ -60,7 +65,6 @@ class ColumnStore:
         self._norms32: Any = xp.empty(0, dtype=xp.float32)
         self._inv32: Any = xp.empty(0, dtype=xp.float32)
         self._ids: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
-        self._dev_ids: Any = self._ids if xp is np else xp.empty(0, dtype=xp.uint64)
         self.payloads: list[Payload | None] = []
         self.row_of = IdIndex()
         # Bounds (not exact after deletes) on the squared norms of nonzero rows.
