@@ -51,6 +51,11 @@ class RecordId(int):
             raise InvalidArgument(f"record id {value} is outside [0, 2**64)")
         return super().__new__(cls, value)
 
+    @classmethod
+    def _trusted(cls, n: int) -> RecordId:
+        """An id known to be in range (internal: ids read back from the store)."""
+        return int.__new__(cls, n)
+
     def __repr__(self) -> str:
         return f"RecordId({int(self)})"
 

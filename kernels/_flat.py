@@ -217,16 +217,16 @@ def _search_block(
         tol = xp.full(mb, 2 * (d + 6) * u)
     c = min(n, k + _MARGIN)
     tile = n if mb == 1 else max(1024, working_set // (4 * mb))
-    scratch = xp.empty((mb, min(tile, n)), dtype=cdtype)
+    tiler = _Tiler(xp, cand, Qc, metric, cdtype, tile)
     best_s = xp.full((mb, c), xp.inf, dtype=cdtype)
     best_r = xp.full((mb, c), -1, dtype=xp.int64)
     thr = None
     for t0 in range(0, n, tile):
-        S = _coarse_tile(xp, cand, Qc, metric, t0, min(t0 + tile, n), cdtype, scratch)
+        S = tiler.scores(t0, min(t0 + tile, n))
         if thr is None:
             # Seed the admission bound with the c-th best of a sample: an upper bound of the
             # final c-th best, so nothing that belongs in the top c is ever filtered out.
-            width = min(S.shape[1], max(_SAMPLE, c))
+            width = min(S.shape[1], max(_SAMPLE, 8 * c))
             thr = _nan_to_inf(xp, xp.partition(S[:, :width], c - 1, axis=1)[:, c - 1]) if width > c else None
             if thr is None:
                 thr = xp.full(mb, xp.inf, dtype=cdtype)
@@ -244,10 +244,14 @@ def _search_block(
     rows_out = xp.empty((mb, count), dtype=xp.int64)
     scores_out = xp.empty((mb, count), dtype=xp.float64)
     ok = xp.nonzero(safe)[0]
-    if ok.shape[0]:
-        r, s = _finalize(xp, cand, ids, Q64[ok], best_s[ok], best_r[ok], metric, count)
-        rows_out[ok] = r
-        scores_out[ok] = s
+    # Exact re-scoring gathers c rows per query in float64: chunk the queries so that stays
+    # within the working set for any k.
+    step = max(1, working_set // (8 * c * d))
+    for i0 in range(0, int(ok.shape[0]), step):
+        sel = ok[i0 : i0 + step]
+        r, s = _finalize(xp, cand, ids, Q64[sel], best_s[sel], best_r[sel], metric, count)
+        rows_out[sel] = r
+        scores_out[sel] = s
     for i in _to_list(xp, xp.nonzero(~safe)[0]):
         bound = float(kth[i] + tol[i])
         r, s = _rescan(xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype)
@@ -264,30 +268,72 @@ def _to_list(xp: Any, a: Array) -> list[int]:
     return [int(v) for v in (a.tolist() if xp is np else a.get().tolist())]
 
 
-def _coarse_tile(
-    xp: Any, cand: _Candidates, Qc: Array, metric: str, t0: int, t1: int, cdtype: Any, scratch: Array
-) -> Array:
-    """Coarse scores of the queries against candidates ``t0:t1``, written into ``scratch``."""
-    Xt = cand.X[t0:t1] if cand.rows is None else cand.X[cand.rows[t0:t1]]
-    if cdtype != xp.float32:
-        Xt = Xt.astype(cdtype)
-    S = scratch[:, : t1 - t0]
-    if Qc.shape[0] == 1:
-        # One query: a matrix-vector product streams X once at memory bandwidth.
-        xp.matmul(Xt, Qc[0], out=S[0])
-    else:
-        xp.matmul(Qc, Xt.T, out=S)
-    if metric == "l2":
-        S += cand.norms32[t0:t1] if cdtype == xp.float32 else cand.norms[t0:t1]
-    elif metric == "cosine":
-        inv = cand.inv32[t0:t1] if cand.inv32 is not None else None
-        if cdtype != xp.float32 or inv is None:
-            with np.errstate(divide="ignore"):
-                inv = (1.0 / xp.sqrt(cand.norms[t0:t1])).astype(cdtype)
-        # A zero row has 1/|x| = inf: 0 * inf = NaN marks it, and NaN ranks last.
-        with np.errstate(invalid="ignore"):
-            S *= inv
-    return S
+_AUGMENT_MIN = 256  # queries per block from which a per-tile copy of X beats a pass over S
+
+
+class _Tiler:
+    """Computes coarse score tiles for one block of queries into a reused buffer.
+
+    For few queries the product is followed by one pass over the scores (``+ |x|^2`` for L2,
+    ``* 1/|x|`` for COSINE). For a big block, a pass over the ``(m, tile)`` scores costs more
+    than preparing the ``(tile, d)`` operand, so the tile is copied once with the norm appended
+    as an extra column (L2: ``[-2q, 1] . [x, |x|^2]``) or scaled by ``1/|x|`` (COSINE), and the
+    product alone yields the coarse scores.
+    """
+
+    def __init__(self, xp: Any, cand: _Candidates, Qc: Array, metric: str, cdtype: Any, tile: int) -> None:
+        self.xp, self.cand, self.metric, self.cdtype = xp, cand, metric, cdtype
+        mb = Qc.shape[0]
+        width = min(tile, cand.n)
+        self.scratch = xp.empty((mb, width), dtype=cdtype)
+        self.augment = mb >= _AUGMENT_MIN and metric != "dot"
+        self.Qc = Qc
+        if self.augment and metric == "l2":
+            self.Qc = xp.concatenate([Qc, xp.ones((mb, 1), dtype=cdtype)], axis=1)
+        if self.augment:
+            self.Xa = xp.empty((width, self.Qc.shape[1]), dtype=cdtype)
+
+    def _norms(self, t0: int, t1: int) -> Array:
+        c = self.cand
+        return c.norms32[t0:t1] if self.cdtype == self.xp.float32 else c.norms[t0:t1]
+
+    def _inv(self, t0: int, t1: int) -> Array:
+        c, xp = self.cand, self.xp
+        if self.cdtype == xp.float32 and c.inv32 is not None:
+            return c.inv32[t0:t1]
+        with np.errstate(divide="ignore"):
+            return (1.0 / xp.sqrt(c.norms[t0:t1])).astype(self.cdtype)
+
+    def scores(self, t0: int, t1: int) -> Array:
+        """Coarse scores of the block against candidates ``t0:t1`` (a view of the buffer)."""
+        xp, cand = self.xp, self.cand
+        Xt = cand.X[t0:t1] if cand.rows is None else cand.X[cand.rows[t0:t1]]
+        S = self.scratch[:, : t1 - t0]
+        if self.augment:
+            Xa = self.Xa[: t1 - t0]
+            if self.metric == "l2":
+                Xa[:, :-1] = Xt
+                Xa[:, -1] = self._norms(t0, t1)
+            else:
+                # A zero row scales to NaN (0 * inf) and its scores are NaN: ranked last.
+                with np.errstate(invalid="ignore"):
+                    xp.multiply(Xt, self._inv(t0, t1)[:, None], out=Xa)
+            xp.matmul(self.Qc, Xa.T, out=S)
+            return S
+        if self.cdtype != xp.float32:
+            Xt = Xt.astype(self.cdtype)
+        if self.Qc.shape[0] == 1:
+            # One query: a matrix-vector product streams X once at memory bandwidth.
+            xp.matmul(Xt, self.Qc[0], out=S[0])
+        else:
+            xp.matmul(self.Qc, Xt.T, out=S)
+        if self.metric == "l2":
+            S += self._norms(t0, t1)
+        elif self.metric == "cosine":
+            # A zero row has 1/|x| = inf: 0 * inf = NaN marks it, and NaN ranks last.
+            with np.errstate(invalid="ignore"):
+                S *= self._inv(t0, t1)
+        return S
 
 
 def _merge(
@@ -384,9 +430,9 @@ def _rescan(
     found = []
     n = cand.n
     tile = min(n, 1 << 20)
-    scratch = xp.empty((1, tile), dtype=cdtype)
+    tiler = _Tiler(xp, cand, Qc1, metric, cdtype, tile)
     for t0 in range(0, n, tile):
-        S = _coarse_tile(xp, cand, Qc1, metric, t0, min(t0 + tile, n), cdtype, scratch)
+        S = tiler.scores(t0, min(t0 + tile, n))
         found.append(cand.row_index(t0, xp.flatnonzero(S[0] <= bound), xp))
     rows = xp.concatenate(found)
     scores = exact_scores(xp, metric, cand.X[rows], q64)
