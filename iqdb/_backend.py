@@ -58,8 +58,15 @@ class Backend(Protocol):
     def readonly(self) -> bool:
         """Writes refused (``InvalidConfig``)."""
 
-    def log(self, op: Op) -> None:
-        """Make ``op`` survive a process crash before it is applied, or raise having written nothing."""
+    def log(self, op: Op) -> Any:
+        """Make ``op`` survive a process crash before it is applied, or raise having written nothing.
+
+        Returns a ticket for :meth:`commit`.
+        """
+
+    def commit(self, ticket: Any) -> None:
+        """Called after the writer lock is released: wait until the logged write is as durable as
+        the backend's setting promises (``sync="always"``: fsynced, group-committed)."""
 
     def flush(self) -> None:
         """Make every logged operation survive a machine crash."""
@@ -84,6 +91,9 @@ class MemoryBackend:
 
     def log(self, op: Op) -> None:
         """Nothing to log in memory."""
+
+    def commit(self, ticket: Any) -> None:
+        """Nothing to wait for."""
 
     def flush(self) -> None:
         """Nothing to flush in memory."""

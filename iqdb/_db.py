@@ -237,9 +237,10 @@ class Iqdb:
             return key in self._store.row_of
 
     # -- writes ---------------------------------------------------------------------------
-    def _write(self, op: Op) -> None:
-        """Log then apply, under the writer lock: log order is memory order."""
-        self._backend.log(op)
+    def _write(self, op: Op) -> Any:
+        """Log then apply, under the writer lock: log order is memory order. The ticket goes to
+        ``backend.commit`` once the lock is released (group commit)."""
+        ticket = self._backend.log(op)
         apply_op(self._store, op)
         if self._backend.wants_compaction():
             try:
@@ -247,6 +248,7 @@ class Iqdb:
             except StorageError as exc:
                 # The write itself succeeded and is in the WAL, which stays the truth.
                 log.warning("iqdb: automatic compaction failed: %s", exc)
+        return ticket
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -274,7 +276,8 @@ class Iqdb:
         with self._lock.write():
             self._check_writable()
             self._store.check_dim(record.vector.dim)
-            self._write(op)
+            ticket = self._write(op)
+        self._backend.commit(ticket)
 
     def upsert_many(self, ids: object, vectors: object, payloads: Sequence[object] | None = None) -> None:
         """Insert or replace many records at once: all or nothing.
@@ -328,7 +331,8 @@ class Iqdb:
         with self._lock.write():
             self._check_writable()
             self._store.check_dim(int(matrix.shape[1]))
-            self._write(op)
+            ticket = self._write(op)
+        self._backend.commit(ticket)
 
     def delete(self, rid: object) -> bool:
         """Delete the record with id ``rid``; ``True`` if one was removed.
@@ -343,8 +347,9 @@ class Iqdb:
             self._check_writable()
             if key not in self._store.row_of:
                 return False
-            self._write(DeleteOp(np.array([key], dtype=np.uint64)))
-            return True
+            ticket = self._write(DeleteOp(np.array([key], dtype=np.uint64)))
+        self._backend.commit(ticket)
+        return True
 
     def flush(self) -> None:
         """Make every write so far durable (fsync of the WAL); a no-op in memory.

@@ -41,7 +41,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from ._backend import Op, UpsertOp, apply_op
 from ._errors import Corrupt, InvalidConfig, Locked, Poisoned, StorageError
@@ -65,6 +65,8 @@ log = logging.getLogger("iqdb")
 
 DEFAULT_WAL_LIMIT = 256 << 20
 SyncMode = Literal["flush", "always"]
+# (generation, WAL end offset) of a logged write, or None when nothing was logged.
+Ticket = Optional[tuple[int, int]]  # noqa: UP045
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -86,7 +88,8 @@ class DurableBackend:
         self.tmp_path = os.path.join(path, "snap.tmp")
         self.wal_path = os.path.join(path, "wal")
         self.lock_path = os.path.join(path, "LOCK")
-        self._io = threading.Lock()
+        self._io = threading.Lock()  # the WAL's offsets and appends
+        self._sync_mutex = threading.Lock()  # one fsync at a time (group commit leader)
         self._lock_fd: int | None = None
         self._wal_fd: int | None = None
         self.generation = 0  # of the snapshot, and of the WAL frames being written
@@ -143,8 +146,8 @@ class DurableBackend:
             raise
         self._wal_size = start + written
 
-    def log(self, op: Op) -> None:
-        """Append ``op`` as one frame (all encoding before any I/O), fsync if ``sync="always"``."""
+    def log(self, op: Op) -> Ticket:
+        """Append ``op`` as one frame (all encoding before any I/O); a ticket for :meth:`commit`."""
         with self._io:
             self._check_writable()
             frame = encode_frame_parts(op, self.last_seq + 1, self.generation, self._durable)
@@ -153,8 +156,40 @@ class DurableBackend:
             self._append(frame)
             self.last_seq += 1
             self._data_end = self._wal_size
-            if self.sync == "always":
-                self._sync_locked()
+            return (self.generation, self._wal_size)
+
+    def commit(self, ticket: Ticket) -> None:
+        """With ``sync="always"``, return once the write that got ``ticket`` is durable.
+
+        Called after the handle released its writer lock, so other writers keep appending
+        while this fsync runs, and one fsync covers every frame appended before it started
+        (group commit): a writer whose frame is already covered returns without an fsync.
+        """
+        if self.sync == "always" and ticket is not None:
+            self._sync_to(ticket)
+
+    def _sync_to(self, ticket: tuple[int, int]) -> None:
+        generation, end = ticket
+        with self._sync_mutex:
+            with self._io:
+                if self.poisoned is not None:
+                    raise Poisoned(f"writes refused until the database is reopened: {self.poisoned}")
+                # A compaction since then put the write in an fsynced snapshot.
+                if generation != self.generation or self._durable >= end:
+                    return
+                target, fd = self._wal_size, self._wal_fd
+            assert fd is not None
+            try:
+                self.fs.fsync(fd)
+            except OSError as exc:
+                with self._io:
+                    # Never retry: after a failed fsync the kernel may have marked the lost
+                    # pages clean, so a second fsync could succeed without writing them.
+                    self._poison(f"fsync of the WAL failed ({exc})")
+                raise _storage_error(exc, "fsync of the WAL failed") from exc
+            with self._io:
+                if self.generation == generation:
+                    self._durable = max(self._durable, target)
 
     def _start_wal(self) -> None:
         """Write and fsync the header of an empty WAL before its first frame: afterwards a bad
@@ -169,32 +204,25 @@ class DurableBackend:
         self._durable = self._wal_size
 
     def flush(self) -> None:
-        """fsync the WAL; a failure poisons the handle."""
+        """fsync the WAL (a failure poisons the handle), then record the watermark in it."""
         with self._io:
             if self.poisoned is not None:
                 raise Poisoned(f"flush refused until the database is reopened: {self.poisoned}")
             if self.readonly or self._durable >= self._data_end:
                 return
-            self._sync_locked()
-
-    def _sync_locked(self) -> None:
-        assert self._wal_fd is not None
-        target = self._wal_size
-        try:
-            self.fs.fsync(self._wal_fd)
-        except OSError as exc:
-            # Never retry: after a failed fsync the kernel may have marked the lost pages clean.
-            self._poison(f"fsync of the WAL failed ({exc})")
-            raise _storage_error(exc, "fsync of the WAL failed") from exc
-        self._durable = target
-        # Record the watermark in the log itself (unsynced: it only needs to exist if later
-        # damage must be told apart from a torn tail).
-        try:
-            self._append(encode_sync(self.last_seq, self.generation, target))
-        except StorageError:
-            if self.poisoned is not None:
-                raise
-            log.warning("iqdb: could not append a SYNC frame to %s; data is durable", self.wal_path)
+            ticket = (self.generation, self._wal_size)
+        self._sync_to(ticket)
+        with self._io:
+            if self.poisoned is not None or self.generation != ticket[0]:
+                return
+            # The watermark goes into the log itself, unsynced: it only needs to exist if later
+            # damage must be told apart from a torn tail.
+            try:
+                self._append(encode_sync(self.last_seq, self.generation, self._durable))
+            except StorageError:
+                if self.poisoned is not None:
+                    raise
+                log.warning("iqdb: could not append a SYNC frame to %s; data is durable", self.wal_path)
 
     def wants_compaction(self) -> bool:
         """The WAL has grown past ``wal_limit``."""
@@ -368,7 +396,7 @@ def open_durable(
     backend = DurableBackend(fs, path, readonly, sync, wal_limit)
     try:
         for attempt in range(_READONLY_RETRIES):
-            before = _fingerprint(fs, backend)
+            before = _fingerprint(fs, backend) if readonly else ()
             try:
                 _open(backend, store)
                 break
@@ -403,7 +431,10 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         if not fs.isdir(b.path):
             raise FileNotFoundError(errno.ENOENT, "no database directory", b.path)
     else:
-        fs.makedirs(b.path)
+        if not fs.isdir(b.path):
+            fs.makedirs(b.path)
+            # The new directory's own entry must be durable before anything in it can be.
+            fs.fsync_dir(os.path.dirname(b.path))
         _take_lock(b)
         if fs.exists(b.tmp_path):
             fs.unlink(b.tmp_path)  # a compaction died before its commit point
@@ -428,7 +459,12 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         finally:
             fs.close(fd)
         return
+    created = not fs.exists(b.wal_path)
     b._wal_fd = fs.open(b.wal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    if created:
+        # A new file's directory entry is durable only after an fsync of the directory; without
+        # it a flush() before the first compaction would fsync a file that may vanish.
+        fs.fsync_dir(b.path)
     _recover_wal(b, store, _read_all(fs, b._wal_fd), b._wal_fd)
     b._wal_size = fs.fsize(b._wal_fd)
     # Whatever the last process left in the page cache is made durable now, so the watermark

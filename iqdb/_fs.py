@@ -88,7 +88,7 @@ class FileSystem:
         """(inode, size, mtime in ns) of ``path``, or ``None`` if absent: tells whether it changed."""
         try:
             st = os.stat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
