@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-mypy=${MYPY:-$root/.venv/bin/mypy}
+mypy=$(realpath "${MYPY:-$root/.venv/bin/mypy}")
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir "$stage/iqdb"
