@@ -64,6 +64,7 @@ __all__ = ["DurableBackend", "open_durable"]
 log = logging.getLogger("iqdb")
 
 DEFAULT_WAL_LIMIT = 256 << 20
+_JOIN_BELOW = 1 << 20
 SyncMode = Literal["flush", "always"]
 # (generation, WAL end offset) of a logged write, or None when nothing was logged.
 Ticket = Optional[tuple[int, int]]  # noqa: UP045
@@ -120,7 +121,12 @@ class DurableBackend:
         file as it was (else poison)."""
         assert self._wal_fd is not None
         start = self._wal_size
-        pieces = [data] if isinstance(data, bytes) else data
+        if isinstance(data, bytes):
+            pieces: Parts = [data]
+        elif sum(len(p) for p in data) <= _JOIN_BELOW:
+            pieces = [b"".join(data)]  # one system call for a small frame
+        else:
+            pieces = data  # a big frame: no copy of its vectors
         written = 0
         try:
             for piece in pieces:
