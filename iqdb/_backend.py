@@ -21,7 +21,16 @@ import numpy.typing as npt
 from ._payload import Payload
 from ._store import ColumnStore
 
-__all__ = ["Backend", "DeleteOp", "MemoryBackend", "Op", "UpsertOp", "apply_op"]
+__all__ = [
+    "Backend",
+    "DeleteOp",
+    "MemoryBackend",
+    "Op",
+    "UpsertOp",
+    "apply_op",
+    "dedupe_last",
+    "merge_upserts",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,28 @@ class DeleteOp:
 
 
 Op = Union[UpsertOp, DeleteOp]  # noqa: UP007
+
+
+def dedupe_last(op: UpsertOp) -> UpsertOp:
+    """The same upsert with each repeated id reduced to its last row (later writes win)."""
+    n = int(op.ids.shape[0])
+    uniq, first_in_reversed = np.unique(op.ids[::-1], return_index=True)
+    if uniq.shape[0] == n:
+        return op
+    keep = np.sort(n - 1 - first_in_reversed)
+    return UpsertOp(op.ids[keep], op.vectors[keep], [op.payloads[i] for i in keep.tolist()])
+
+
+def merge_upserts(ops: list[UpsertOp]) -> UpsertOp:
+    """Consecutive upserts (same dimension) as one, with the same end state."""
+    if len(ops) == 1:
+        return ops[0]
+    merged = UpsertOp(
+        np.concatenate([op.ids for op in ops]),
+        np.concatenate([op.vectors for op in ops]),
+        [p for op in ops for p in op.payloads],
+    )
+    return dedupe_last(merged)
 
 
 def apply_op(store: ColumnStore, op: Op) -> None:

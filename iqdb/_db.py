@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._backend import Backend, DeleteOp, MemoryBackend, Op, UpsertOp, apply_op
+from ._backend import Backend, DeleteOp, MemoryBackend, Op, UpsertOp, apply_op, dedupe_last
 from ._device import resolve_device
 from ._errors import Closed, DimensionMismatch, InvalidArgument, InvalidConfig, StorageError
 from ._lock import RWLock
@@ -321,13 +321,8 @@ class Iqdb:
             if len(payloads) != n:
                 raise InvalidArgument(f"got {n} ids but {len(payloads)} payloads")
             plist = _coerce_payloads(payloads)
-        # A repeated id: the last row wins. Keep each id's last occurrence, in input order.
-        uniq, first_in_reversed = np.unique(id_arr[::-1], return_index=True)
-        if uniq.shape[0] != n:
-            keep = np.sort(n - 1 - first_in_reversed)
-            id_arr, matrix = id_arr[keep], matrix[keep]
-            plist = [plist[i] for i in keep.tolist()]
-        op = UpsertOp(np.ascontiguousarray(id_arr), np.ascontiguousarray(matrix), plist)
+        # A repeated id: the last row wins.
+        op = dedupe_last(UpsertOp(np.ascontiguousarray(id_arr), np.ascontiguousarray(matrix), plist))
         with self._lock.write():
             self._check_writable()
             self._store.check_dim(int(matrix.shape[1]))

@@ -43,7 +43,7 @@ import os
 import threading
 from typing import Any, Literal, Optional
 
-from ._backend import Op, UpsertOp, apply_op
+from ._backend import Op, UpsertOp, apply_op, merge_upserts
 from ._errors import Corrupt, InvalidConfig, Locked, Poisoned, StorageError
 from ._fs import FileSystem, OsFileSystem
 from ._snapshot import SnapshotData, read_snapshot, write_snapshot
@@ -444,39 +444,62 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         _take_lock(b)
         if fs.exists(b.tmp_path):
             fs.unlink(b.tmp_path)  # a compaction died before its commit point
-    snap = None
-    if fs.exists(b.snap_path):
-        snap = read_snapshot(fs, b.snap_path)
-        store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms)
+    snap = read_snapshot(fs, b.snap_path) if fs.exists(b.snap_path) else None
+    if snap is not None:
         b.generation, b.last_seq = snap.generation, snap.last_seq
     b.recovery = {
-        "snapshot_rows": store.n,
+        "snapshot_rows": 0 if snap is None else int(snap.ids.shape[0]),
         "generation": b.generation,
         "replayed": 0,
         "truncated_bytes": 0,
         "stale_wal_discarded": False,
     }
+    ops: list[Op] = []
     if b.readonly:
-        if not fs.exists(b.wal_path):
-            return
-        fd = fs.open(b.wal_path, os.O_RDONLY)
-        try:
-            _recover_wal(b, store, _read_all(fs, fd), None)
-        finally:
-            fs.close(fd)
-        return
-    created = not fs.exists(b.wal_path)
-    b._wal_fd = fs.open(b.wal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-    if created:
-        # A new file's directory entry is durable only after an fsync of the directory; without
-        # it a flush() before the first compaction would fsync a file that may vanish.
-        fs.fsync_dir(b.path)
-    _recover_wal(b, store, _read_all(fs, b._wal_fd), b._wal_fd)
-    b._wal_size = fs.fsize(b._wal_fd)
-    # Whatever the last process left in the page cache is made durable now, so the watermark
-    # this process writes into frames is true from the first one on.
-    fs.fsync(b._wal_fd)
-    b._durable = b._data_end = b._wal_size
+        if fs.exists(b.wal_path):
+            fd = fs.open(b.wal_path, os.O_RDONLY)
+            try:
+                ops = _recover_wal(b, _read_all(fs, fd), None)
+            finally:
+                fs.close(fd)
+    else:
+        created = not fs.exists(b.wal_path)
+        b._wal_fd = fs.open(b.wal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        if created:
+            # A new file's directory entry is durable only after an fsync of the directory;
+            # without it a flush() before the first compaction would fsync a file that may vanish.
+            fs.fsync_dir(b.path)
+        ops = _recover_wal(b, _read_all(fs, b._wal_fd), b._wal_fd)
+    if snap is not None:
+        # Room for what the replay may add, so it never reallocates the loaded matrix.
+        extra = sum(int(op.ids.shape[0]) for op in ops if isinstance(op, UpsertOp))
+        store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms, extra=extra)
+    _replay(store, ops)
+    b.recovery["replayed"] = len(ops)
+    if b._wal_fd is not None:
+        b._wal_size = fs.fsize(b._wal_fd)
+        # Whatever the last process left in the page cache is made durable now, so the
+        # watermark this process writes into frames is true from the first one on.
+        fs.fsync(b._wal_fd)
+        b._durable = b._data_end = b._wal_size
+
+
+def _replay(store: ColumnStore, ops: list[Op]) -> None:
+    """Apply logged operations in order; runs of upserts go in as one bulk upsert."""
+    run: list[UpsertOp] = []
+    for op in [*ops, None]:
+        if isinstance(op, UpsertOp):
+            if store.dim not in (None, op.vectors.shape[1]) or (
+                run and run[0].vectors.shape[1] != op.vectors.shape[1]
+            ):
+                raise Corrupt(f"WAL holds a vector of dimension {op.vectors.shape[1]}, not {store.dim}")
+            run.append(op)
+            continue
+        if run:
+            apply_op(store, merge_upserts(run))
+            run = []
+        if op is not None:
+            apply_op(store, op)
 
 
 def _take_lock(b: DurableBackend) -> None:
@@ -496,16 +519,17 @@ def _take_lock(b: DurableBackend) -> None:
     fs.write(fd, f"{os.getpid()}\n".encode())
 
 
-def _recover_wal(b: DurableBackend, store: ColumnStore, buf: memoryview, fd: int | None) -> None:
-    """Replay the WAL in ``buf`` into ``store``; cut a torn tail when ``fd`` is writable."""
+def _recover_wal(b: DurableBackend, buf: memoryview, fd: int | None) -> list[Op]:
+    """The operations in the WAL (``buf``) that the snapshot does not cover, in order; cuts a
+    torn tail and resets a stale log when ``fd`` is writable."""
     fs = b.fs
     if len(buf) == 0:
-        return
+        return []
     if len(buf) < HEADER_SIZE:
         # The header is written and fsynced alone before any frame: a short file is a header
         # whose creation was cut off, with nothing acknowledged after it.
         _cut(b, fd, 0, len(buf), "incomplete WAL header")
-        return
+        return []
     try:
         gen = decode_header(buf)
     except Corrupt:
@@ -515,7 +539,7 @@ def _recover_wal(b: DurableBackend, store: ColumnStore, buf: memoryview, fd: int
         if any(later_frame_watermarks(buf, HEADER_SIZE - 8, g) for g in (b.generation, b.generation - 1)):
             raise
         _cut(b, fd, 0, len(buf), "WAL header invalid and no frame follows")
-        return
+        return []
     if gen == b.generation:
         stale = False
     elif gen == b.generation - 1:
@@ -543,14 +567,10 @@ def _recover_wal(b: DurableBackend, store: ColumnStore, buf: memoryview, fd: int
         if fd is not None:
             fs.ftruncate(fd, 0)
             fs.fsync(fd)
-        return
-    for frame in data_frames:
-        assert frame.op is not None
-        if isinstance(frame.op, UpsertOp) and store.dim not in (None, frame.op.vectors.shape[1]):
-            raise Corrupt(f"WAL frame {frame.seq} has dimension {frame.op.vectors.shape[1]}, not {store.dim}")
-        apply_op(store, frame.op)
-        b.last_seq = frame.seq
-    b.recovery["replayed"] = len(data_frames)
+        return []
+    if data_frames:
+        b.last_seq = data_frames[-1].seq
+    return [f.op for f in data_frames if f.op is not None]
 
 
 def _cut(b: DurableBackend, fd: int | None, at: int, dropped: int, reason: str, later: int = 0) -> None:

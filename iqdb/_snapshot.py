@@ -123,8 +123,10 @@ def write_snapshot(fs: FileSystem, path: str, data: SnapshotData) -> None:
         else np.zeros((0, dim), np.float32)
     )
     norms = np.ascontiguousarray(data.norms if data.norms is not None else np.zeros(n), dtype=np.float64)
-    encoded = [encode_payload(p) for p in data.payloads]
-    payload_col = pa.array(encoded, type=pa.large_binary())
+    if data.payloads.count(None) == n:
+        payload_col = pa.nulls(n, type=pa.large_binary())  # no per-record work without payloads
+    else:
+        payload_col = pa.array([encode_payload(p) for p in data.payloads], type=pa.large_binary())
     meta = {
         "version": FORMAT_VERSION,
         "dim": "none" if data.dim is None else str(data.dim),

@@ -253,13 +253,14 @@ class ColumnStore:
         dim: int | None,
         norms: Any = None,
         headroom: float = 1.0625,
+        extra: int = 0,
     ) -> None:
         """Replace the contents with whole columns (snapshot load): one block copy, no per-row work
-        on the vectors."""
+        on the vectors. ``extra`` rows of room are reserved for writes known to follow."""
         n = int(ids.shape[0])
         self.dim = dim
         xp = self.backend.xp
-        cap = max(_MIN_CAPACITY, int(n * headroom)) if dim is not None else 0
+        cap = max(_MIN_CAPACITY, int(n * headroom) + extra) if dim is not None else 0
         d = dim or 0
         self._matrix = xp.empty((cap, d), dtype=xp.float32)
         self._matrix[:n] = self.backend.asarray(matrix)
