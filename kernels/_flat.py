@@ -111,7 +111,7 @@ def flat_topk(
     norms32: Array | None = None,
     inv_norms32: Array | None = None,
     norm_bounds: tuple[float, float] | None = None,
-    working_set: int = 32 << 20,
+    working_set: int = 16 << 20,
 ) -> SearchOutput:
     """Exact top-``k`` of every query in ``Q`` over the rows of ``X``.
 
