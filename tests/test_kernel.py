@@ -1,0 +1,122 @@
+"""Every path of the flat kernel returns exactly what a float64 brute force returns.
+
+The kernel has several paths chosen by shape and data: a matrix-vector product (one query), a
+plain product plus a pass over the scores (few queries), a product over an augmented or
+pre-scaled copy of each tile (256 queries or more), float64 coarse scores for vectors outside
+float32's comfortable range, a re-scan when near-ties crowd the candidate margin, a pre-filter
+over a subset of rows, and many small tiles when the working set is tiny. Each is compared here,
+ids and scores, with the reference: exact float64 scores of every row, ordered by (NaN last,
+score, id).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iqdb._store import row_norms_sq
+from iqdb.kernels import exact_scores, flat_topk
+
+METRICS = ["l2", "cosine", "dot"]
+
+
+def reference(X: np.ndarray, ids: np.ndarray, Q: np.ndarray, k: int, metric: str, rows: np.ndarray | None):
+    cand = np.arange(X.shape[0]) if rows is None else rows
+    out_ids, out_scores = [], []
+    for q in Q:
+        s = exact_scores(np, metric, X[cand], q)
+        order = np.lexsort((ids[cand], np.where(np.isnan(s), np.inf, s), np.isnan(s)))[:k]
+        out_ids.append(ids[cand][order].tolist())
+        out_scores.append(s[order].tolist())
+    return out_ids, out_scores
+
+
+def run(X, ids, Q, k, metric, rows=None, working_set=16 << 20):
+    out = flat_topk(np, X, row_norms_sq(np, X), ids, Q, k, metric, rows, working_set=working_set)
+    return ids[out.rows].tolist(), out.scores.tolist()
+
+
+def same(got, want) -> None:
+    got_ids, got_scores = got
+    want_ids, want_scores = want
+    assert got_ids == want_ids
+    np.testing.assert_array_equal(np.array(got_scores), np.array(want_scores))  # NaN == NaN here
+
+
+def tricky_data(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random rows plus exact duplicates, zero rows and near-duplicates, under shuffled ids."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    X[5:25] = X[3]  # 21 identical rows: ties at any k
+    X[30:34] = 0.0  # zero rows: NaN under COSINE
+    X[40:60] = X[3] + rng.standard_normal((20, d)).astype(np.float32) * 1e-6  # near-ties
+    ids = rng.permutation(np.arange(10 * n, 11 * n, dtype=np.uint64))
+    return X, ids
+
+
+def queries(X: np.ndarray, m: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1)
+    Q = rng.standard_normal((m, X.shape[1])).astype(np.float32)
+    Q[0] = X[3]  # sits on the duplicate block
+    if m > 1:
+        Q[1] = 0.0  # a zero query: every COSINE score is NaN
+    return Q
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("m", [1, 7, 300], ids=["gemv", "gemm", "augmented"])
+@pytest.mark.parametrize("k", [1, 10, 33])
+def test_every_query_path_matches_the_reference(metric: str, m: int, k: int) -> None:
+    X, ids = tricky_data(2000, 12, seed=m + k)
+    Q = queries(X, m, seed=k)
+    same(run(X, ids, Q, k, metric), reference(X, ids, Q, k, metric, None))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("m", [1, 300])
+def test_tiny_working_set_many_tiles_matches_the_reference(metric: str, m: int) -> None:
+    X, ids = tricky_data(9000, 8, seed=7)
+    Q = queries(X, m, seed=3)
+    same(run(X, ids, Q, 25, metric, working_set=4096), reference(X, ids, Q, 25, metric, None))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("m", [1, 300])
+def test_prefilter_rows_match_the_reference(metric: str, m: int) -> None:
+    X, ids = tricky_data(3000, 6, seed=11)
+    rows = np.flatnonzero(np.random.default_rng(0).random(3000) < 0.3)
+    rows = np.union1d(rows, [3, 5, 6, 30]).astype(np.int64)  # keep some ties and a zero row
+    Q = queries(X, m, seed=5)
+    same(run(X, ids, Q, 12, metric, rows), reference(X, ids, Q, 12, metric, rows))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("scale", [1e-25, 1e19], ids=["tiny", "huge"])
+def test_float64_coarse_path_matches_the_reference(metric: str, scale: float) -> None:
+    X, ids = tricky_data(1500, 5, seed=2)
+    X = (X.astype(np.float64) * scale).astype(np.float32)
+    Q = (queries(X, 3, seed=9).astype(np.float64) * (scale if scale < 1 else 1.0)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        got = run(X, ids, Q, 15, metric)
+    same(got, reference(X, ids, Q, 15, metric, None))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_duplicates_beyond_the_margin_force_a_rescan_and_still_match(metric: str) -> None:
+    """200 identical rows and k = 10: the kept candidates (k + margin) are all ties, so the
+    kernel must re-scan to find the smallest ids among all 200."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((5000, 16)).astype(np.float32)
+    X[1000:1200] = X[7]
+    ids = rng.permutation(np.arange(5000, dtype=np.uint64))
+    Q = np.stack([X[7], X[7] * 1.5]).astype(np.float32)
+    same(run(X, ids, Q, 10, metric), reference(X, ids, Q, 10, metric, None))
+
+
+def test_k_above_the_row_count_returns_every_row_in_order() -> None:
+    X, ids = tricky_data(80, 4, seed=1)
+    Q = queries(X, 3, seed=1)
+    for metric in METRICS:
+        got = run(X, ids, Q, 500, metric)
+        assert all(len(r) == 80 for r in got[0])
+        same(got, reference(X, ids, Q, 500, metric, None))
