@@ -341,16 +341,28 @@ def _merge(
 ) -> tuple[Array, Array]:
     """Fold a tile of coarse scores into each query's ``c`` best.
 
-    One comparison per score against the query's admission bound; only the few scores at or
-    below it are gathered (a flat index: NumPy's 2-D ``nonzero`` is an order of magnitude
-    slower than ``flatnonzero``).
+    Once the bounds are tight, most queries have no score in a tile at or below their bound:
+    a row minimum (one fast reduction) finds the rows that do, and only those are compared
+    element by element; the few hits are gathered through a flat index (NumPy's 2-D
+    ``nonzero`` is an order of magnitude slower than ``flatnonzero``).
     """
     mb, width_tile = S.shape
-    hits = xp.flatnonzero(S <= thr[:, None])
+    row_min = xp.min(S, axis=1)
+    # A row holding a NaN (COSINE, zero vector) has a NaN minimum: compare it in full.
+    live = xp.flatnonzero((row_min <= thr) | xp.isnan(row_min))
+    if live.shape[0] == 0:
+        return best_s, best_r
+    if 2 * live.shape[0] < mb:
+        sub = S[live]
+        hits = xp.flatnonzero(sub <= thr[live][:, None])
+        qi = live[hits // width_tile]
+    else:
+        sub = S
+        hits = xp.flatnonzero(S <= thr[:, None])
+        qi = hits // width_tile
     if hits.shape[0] == 0:
         return best_s, best_r
-    qi = hits // width_tile
-    col = hits - qi * width_tile
+    col = hits % width_tile
     counts = xp.bincount(qi, minlength=mb)
     width = int(xp.max(counts))
     starts = xp.cumsum(counts) - counts
@@ -359,7 +371,7 @@ def _merge(
     cand_r = xp.full((mb, c + width), -1, dtype=xp.int64)
     cand_s[:, :c] = best_s
     cand_r[:, :c] = best_r
-    cand_s[qi, c + slot] = S.reshape(-1)[hits]
+    cand_s[qi, c + slot] = sub.reshape(-1)[hits]
     cand_r[qi, c + slot] = cand.row_index(t0, col, xp)
     # Empty slots hold NaN and rank last; +inf placeholders in best_s rank before them.
     part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
