@@ -14,6 +14,7 @@ handle holds a readers-writer lock, so a search never sees a half-applied write.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -508,12 +509,13 @@ class Iqdb:
             scores = be.to_host(out.scores).tolist()
             found_ids = store.ids[found_rows].tolist()
             payloads = store.payloads
-            # Ids from the store are valid by construction: skip RecordId's checks.
-            rid = RecordId._trusted
+            # Ids and scores from the store are canonical by construction: skip the checks.
+            rid = functools.partial(int.__new__, RecordId)
+            make = SearchResult._trusted
             return [
                 [
-                    SearchResult(rid(i), score, None if (p := payloads[row]) is None else p.copy())
-                    for i, score, row in zip(ids_q, scores_q, rows_q)
+                    make(i, score, None if (p := payloads[row]) is None else p.copy())
+                    for i, score, row in zip(map(rid, ids_q), scores_q, rows_q)
                 ]
                 for ids_q, scores_q, rows_q in zip(found_ids, scores, found_rows.tolist())
             ]

@@ -403,6 +403,15 @@ class SearchResult:
     score: float
     payload: Payload | None = None
 
+    @staticmethod
+    def _trusted(id: RecordId, score: float, payload: Payload | None) -> SearchResult:
+        """A result from canonical parts, without the checks (internal: search builds many)."""
+        result: SearchResult = _new_object(SearchResult)
+        _set_id(result, id)
+        _set_score(result, score)
+        _set_payload(result, payload)
+        return result
+
     def __post_init__(self) -> None:
         # Search builds canonical values already; a result built by hand is normalised here.
         if type(self.id) is not RecordId:
@@ -454,3 +463,12 @@ class SearchResult:
             )
         except KeyError as exc:
             raise InvalidArgument(f"result data lacks key {exc.args[0]!r}") from None
+
+
+# Slot setters of the frozen SearchResult, for its trusted constructor (a search may build a
+# million results; the dataclass __init__ and its checks would cost twice as much).
+_new_object = object.__new__
+_slots: dict[str, Any] = dict(vars(SearchResult))
+_set_id = _slots["id"].__set__
+_set_score = _slots["score"].__set__
+_set_payload = _slots["payload"].__set__
