@@ -216,7 +216,8 @@ def _search_block(
             Qc = (-Q64 / xp.sqrt(q_norm_sq)[:, None]).astype(cdtype)
         tol = xp.full(mb, 2 * (d + 6) * u)
     c = min(n, k + _MARGIN)
-    tile = n if mb == 1 else max(1024, working_set // (4 * mb))
+    # A tile width that is not a power of two: score rows 2^k floats apart alias in the caches.
+    tile = n if mb == 1 else max(1024, working_set // (4 * mb)) - 48
     tiler = _Tiler(xp, cand, Qc, metric, cdtype, tile)
     best_s = xp.full((mb, c), xp.inf, dtype=cdtype)
     best_r = xp.full((mb, c), -1, dtype=xp.int64)
