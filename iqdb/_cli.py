@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._db import Iqdb
+from ._errors import IqdbError
 
 __all__ = ["main"]
 
@@ -96,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("path")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except IqdbError as exc:
+        print(f"iqdb: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     return result
 
 
