@@ -56,18 +56,18 @@ class SearchOutput:
 def exact_scores(xp: Any, metric: str, A: Array, q: Array) -> Array:
     """Distances from each row of ``A`` to the vectors ``q`` in float64.
 
-    ``A`` is ``(..., d)`` and ``q`` broadcasts against it. Element-wise products and per-row
-    sums (not BLAS) keep identical rows bit-identical, so exact ties stay ties.
+    ``A`` is ``(..., d)`` and ``q`` broadcasts against it. Per-row sums of products (``einsum``'s
+    own loops, not BLAS) keep identical rows bit-identical, so exact ties stay ties.
     """
     A = A.astype(xp.float64, copy=False)
     q = q.astype(xp.float64, copy=False)
     if metric == "l2":
         diff = A - q
-        return xp.sqrt(xp.sum(diff * diff, axis=-1))
-    dot = xp.sum(A * q, axis=-1)
+        return xp.sqrt(xp.einsum("...d,...d->...", diff, diff))
+    dot = xp.einsum("...d,...d->...", A, q)
     if metric == "dot":
         return -dot
-    denom = xp.sum(A * A, axis=-1) * xp.sum(q * q, axis=-1)
+    denom = xp.einsum("...d,...d->...", A, A) * xp.einsum("...d,...d->...", q, q)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = 1.0 - dot / xp.sqrt(denom)
     return xp.where(denom == 0, xp.nan, out)
@@ -176,7 +176,7 @@ def flat_topk(
     return SearchOutput(out_rows, out_scores, count)
 
 
-_SAMPLE = 2048  # columns of the first tile used to seed each query's admission threshold
+_SAMPLE = 512  # columns of the first tile used to seed each query's admission threshold
 
 
 def _search_block(
