@@ -51,10 +51,6 @@ class FileSystem:
         os.lseek(fd, offset, os.SEEK_SET)
         return os.read(fd, size)
 
-    def seek_end(self, fd: int) -> int:
-        """Move to the end of the file; its size."""
-        return os.lseek(fd, 0, os.SEEK_END)
-
     def fsync(self, fd: int) -> None:
         """Force the file's data and size to stable storage."""
         if sys.platform == "darwin":

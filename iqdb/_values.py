@@ -293,10 +293,6 @@ def coerce_metric(metric: object) -> DistanceMetric:
     raise InvalidArgument(f"unknown metric {metric!r}; expected one of 'l2', 'cosine', 'dot'")
 
 
-def _float_to_json(x: float) -> Any:
-    return to_json_value(x)
-
-
 def _float_from_json(x: Any) -> float:
     value = from_json_value(x)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -444,7 +440,7 @@ class SearchResult:
         """JSON-compatible data; inverse of :meth:`from_dict`."""
         return {
             "id": int(self.id),
-            "score": _float_to_json(self.score),
+            "score": to_json_value(self.score),
             "payload": None if self.payload is None else to_json_value(self.payload.to_dict()),
         }
 

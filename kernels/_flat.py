@@ -221,16 +221,14 @@ def _search_block(
     tiler = _Tiler(xp, cand, Qc, metric, cdtype, tile)
     best_s = xp.full((mb, c), xp.inf, dtype=cdtype)
     best_r = xp.full((mb, c), -1, dtype=xp.int64)
-    thr = None
+    thr = xp.full(mb, xp.inf, dtype=cdtype)
     for t0 in range(0, n, tile):
         S = tiler.scores(t0, min(t0 + tile, n))
-        if thr is None:
+        if t0 == 0 and S.shape[1] >= c:
             # Seed the admission bound with the c-th best of a sample: an upper bound of the
             # final c-th best, so nothing that belongs in the top c is ever filtered out.
             width = min(S.shape[1], max(_SAMPLE, 8 * c))
-            thr = _nan_to_inf(xp, xp.partition(S[:, :width], c - 1, axis=1)[:, c - 1]) if width > c else None
-            if thr is None:
-                thr = xp.full(mb, xp.inf, dtype=cdtype)
+            thr = _nan_to_inf(xp, xp.partition(S[:, :width], c - 1, axis=1)[:, c - 1])
         best_s, best_r = _merge(xp, cand, best_s, best_r, S, t0, thr, c)
         thr = _nan_to_inf(xp, xp.max(best_s, axis=1))
     # Sort the kept candidates by coarse score to find the k-th and check the margin.

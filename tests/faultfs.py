@@ -134,10 +134,6 @@ class CountingFs(FileSystem):
         self._enter("pread", fd=fd)
         return super().pread(fd, size, offset)
 
-    def seek_end(self, fd: int) -> int:
-        self._enter("seek_end", fd=fd)
-        return super().seek_end(fd)
-
     def fsync(self, fd: int) -> None:
         self._enter("fsync", fd=fd)
         if self.real_sync:

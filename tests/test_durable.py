@@ -474,6 +474,10 @@ def test_readonly_open_racing_a_compaction_sees_a_committed_state(tmp_path: Path
     try:
         with iqdb.open(tmp_path, readonly=True, fs=Race()) as ro:
             assert sorted(r for r in IDS if r in ro) in ([1, 2], [1, 2, 3])
+            # The files changed between its reads, so the reader read them again: it sees the
+            # newest committed state, record 3 included, exactly as written.
+            assert sorted(int(i) for i in ro._store.ids) == [1, 2, 3]
+            assert ro.get(3) == Record(3, vec(3))
     finally:
         writer.close()
 
