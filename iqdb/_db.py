@@ -504,6 +504,7 @@ class Iqdb:
                 norms32=store.norms32,
                 inv_norms32=store.inv_norms32,
                 norm_bounds=store.norm_bounds,
+                parallel=be.parallel,
             )
             found_rows = be.to_host(out.rows)
             scores = be.to_host(out.scores).tolist()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ._parallel import SERIAL, Parallel, cpu_parallel
 
 __all__ = ["ArrayBackend", "cpu_backend"]
 
@@ -20,10 +23,19 @@ class ArrayBackend:
         ``"cpu"`` or ``"cuda:N"``.
     xp
         The namespace: ``numpy`` or ``cupy``.
+    parallel_factory
+        Gives the runner that splits a search over cores (made on first use, so importing
+        iqdb starts no threads and loads no thread-control library).
     """
 
     name: str
     xp: Any
+    parallel_factory: Callable[[], Parallel] = field(default=lambda: SERIAL, compare=False, repr=False)
+
+    @property
+    def parallel(self) -> Parallel:
+        """How a search splits over cores on this device."""
+        return self.parallel_factory()
 
     def asarray(self, host: np.ndarray[Any, Any]) -> Any:
         """Move a host array to this backend's device (no copy on the CPU)."""
@@ -38,4 +50,4 @@ class ArrayBackend:
 
 def cpu_backend() -> ArrayBackend:
     """The NumPy backend."""
-    return ArrayBackend("cpu", np)
+    return ArrayBackend("cpu", np, cpu_parallel)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ._parallel import SERIAL, Parallel
+
 __all__ = ["SearchOutput", "exact_scores", "flat_topk"]
 
 Array = Any  # an xp.ndarray
@@ -59,11 +61,11 @@ def exact_scores(xp: Any, metric: str, A: Array, q: Array) -> Array:
     ``A`` is ``(..., d)`` and ``q`` broadcasts against it. Per-row sums of products (``einsum``'s
     own loops, not BLAS) keep identical rows bit-identical, so exact ties stay ties.
     """
-    A = A.astype(xp.float64, copy=False)
     q = q.astype(xp.float64, copy=False)
     if metric == "l2":
-        diff = A - q
+        diff = xp.subtract(A, q, dtype=xp.float64)  # float32 rows widen exactly, in the same pass
         return xp.sqrt(xp.einsum("...d,...d->...", diff, diff))
+    A = A.astype(xp.float64, copy=False)
     dot = xp.einsum("...d,...d->...", A, q)
     if metric == "dot":
         return -dot
@@ -112,6 +114,7 @@ def flat_topk(
     inv_norms32: Array | None = None,
     norm_bounds: tuple[float, float] | None = None,
     working_set: int = 16 << 20,
+    parallel: Parallel = SERIAL,
 ) -> SearchOutput:
     """Exact top-``k`` of every query in ``Q`` over the rows of ``X``.
 
@@ -139,7 +142,10 @@ def flat_topk(
     norm_bounds
         Optional ``(lower, upper)`` bounds on the nonzero squared norms (computed when absent).
     working_set
-        Bytes of score tile per query block: extra memory stays bounded for any ``m`` and ``n``.
+        Bytes of score tiles per query block (all workers together): extra memory stays
+        bounded for any ``m`` and ``n``.
+    parallel
+        Runs the workers that split the stored rows among them (one after another by default).
 
     Returns
     -------
@@ -167,10 +173,17 @@ def flat_topk(
         positive = cand.norms[cand.norms > 0]
         norm_bounds = (float(xp.min(positive)), float(xp.max(positive))) if positive.shape[0] else (1.0, 0.0)
     # Queries per block: all of them up to 1024 (the product's efficiency grows with the block),
-    # with a tile of rows sized so the score tile fits the working set.
-    block = max(1, min(m, 1024, working_set // (4 * 1024)))
+    # with a tile of rows sized so the score tiles fit the working set. A tile should hold
+    # several times the c = k + margin candidates each query keeps, or merging them into the
+    # running selection (per query and tile) would cost more than the product: for large k
+    # the blocks get smaller and the tiles taller.
+    per_worker = working_set // max(1, parallel.workers)
+    rows_per_tile = max(1024, 8 * min(n_cand, k + _MARGIN))
+    block = max(1, min(m, 1024, per_worker // (4 * rows_per_tile)))
     for q0 in range(0, m, block):
-        r, s = _search_block(xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set)
+        r, s = _search_block(
+            xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set, parallel
+        )
         out_rows[q0 : q0 + block] = r
         out_scores[q0 : q0 + block] = s
     return SearchOutput(out_rows, out_scores, count)
@@ -189,6 +202,7 @@ def _search_block(
     metric: str,
     norm_bounds: tuple[float, float],
     working_set: int,
+    parallel: Parallel,
 ) -> tuple[Array, Array]:
     mb, d = int(Qb.shape[0]), int(Qb.shape[1])
     n = cand.n
@@ -216,47 +230,114 @@ def _search_block(
             Qc = (-Q64 / xp.sqrt(q_norm_sq)[:, None]).astype(cdtype)
         tol = xp.full(mb, 2 * (d + 6) * u)
     c = min(n, k + _MARGIN)
-    # A tile width that is not a power of two: score rows 2^k floats apart alias in the caches.
-    tile = n if mb == 1 else max(1024, working_set // (4 * mb)) - 48
-    tiler = _Tiler(xp, cand, Qc, metric, cdtype, tile)
-    best_s = xp.full((mb, c), xp.inf, dtype=cdtype)
-    best_r = xp.full((mb, c), -1, dtype=xp.int64)
-    thr = xp.full(mb, xp.inf, dtype=cdtype)
-    for t0 in range(0, n, tile):
-        S = tiler.scores(t0, min(t0 + tile, n))
-        if t0 == 0 and S.shape[1] >= c:
-            # Seed the admission bound with the c-th best of a sample: an upper bound of the
-            # final c-th best, so nothing that belongs in the top c is ever filtered out.
-            width = min(S.shape[1], max(_SAMPLE, 8 * c))
-            thr = _nan_to_inf(xp, xp.partition(S[:, :width], c - 1, axis=1)[:, c - 1])
-        best_s, best_r = _merge(xp, cand, best_s, best_r, S, t0, thr, c)
-        thr = _nan_to_inf(xp, xp.max(best_s, axis=1))
-    # Sort the kept candidates by coarse score to find the k-th and check the margin.
-    order = xp.argsort(best_s, axis=1)
-    best_s = xp.take_along_axis(best_s, order, axis=1)
-    best_r = xp.take_along_axis(best_r, order, axis=1)
-    kth = best_s[:, count - 1]
-    worst = best_s[:, c - 1]
-    kth_nan = xp.isnan(kth) | (best_r[:, count - 1] < 0)
-    # When every candidate was kept (c == n) nothing was excluded, so the margin holds trivially.
-    safe = (worst > kth + tol) | xp.isnan(worst) | (c == n) | kth_nan
+    workers = _workers(parallel.workers, mb, n, d)
+    # Each worker scans a contiguous share of the rows with its own score tile and its own c
+    # best; a tile is a whole number of the runs `_merge` takes minima over.
+    if mb == 1:
+        tile = -(-n // workers)
+    else:
+        tile = max(16 * _CHUNK, working_set // (4 * mb * workers) // _CHUNK * _CHUNK)
+    bounds = [n * w // workers for w in range(workers + 1)]
+
+    def scan(w: int) -> tuple[Array, Array]:
+        lo, hi = bounds[w], bounds[w + 1]
+        tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo))
+        if mb == 1:
+            return _select_one(xp, cand, tiler.scores(lo, hi)[0], lo, c)
+        best_s = xp.full((mb, c), xp.inf, dtype=cdtype)
+        best_r = xp.full((mb, c), -1, dtype=xp.int64)
+        thr = xp.full(mb, xp.inf, dtype=cdtype)
+        for t0 in range(lo, hi, tile):
+            S = tiler.scores(t0, min(t0 + tile, hi))
+            rows_axis = 0 if tiler.transposed else 1
+            if t0 == lo and S.shape[rows_axis] >= c:
+                # Seed the admission bound with the c-th best of a sample: an upper bound of the
+                # final c-th best, so nothing that belongs in the top c is ever filtered out.
+                width = min(S.shape[rows_axis], max(_SAMPLE, 8 * c))
+                sample = S[:width] if tiler.transposed else S[:, :width]
+                thr = _nan_to_inf(
+                    xp, xp.take(xp.partition(sample, c - 1, axis=rows_axis), c - 1, axis=rows_axis)
+                )
+            merge = _merge if tiler.transposed else _merge_rows
+            best_s, best_r = merge(xp, cand, best_s, best_r, S, t0, thr, c)
+            thr = _nan_to_inf(xp, xp.max(best_s, axis=1))
+        return best_s, best_r
+
+    parts = parallel.map(scan, workers) if workers > 1 else [scan(0)]
+    best_s = xp.concatenate([p[0] for p in parts], axis=1)
+    best_r = xp.concatenate([p[1] for p in parts], axis=1)
+    if workers > 1:
+        # The c best of the union (placeholders, +inf with row -1, rank before NaN as in _merge).
+        part = xp.argpartition(best_s, c - 1, axis=1)[:, :c]
+        best_s = _rows_take(xp, best_s, part)
+        best_r = _rows_take(xp, best_r, part)
+    # The k-th best coarse score and the worst kept one: the margin between them decides
+    # whether the exact scores of the kept candidates settle the top k. Kept scores are never
+    # NaN (a NaN is never admitted); +inf marks a placeholder, left only when every row was
+    # admitted, so then the margin holds too (as it does when c == n: nothing was excluded).
+    kth = xp.partition(best_s, count - 1, axis=1)[:, count - 1]
+    worst = xp.max(best_s, axis=1)
+    safe = (worst > kth + tol) | (c == n) | xp.isinf(kth)
     rows_out = xp.empty((mb, count), dtype=xp.int64)
     scores_out = xp.empty((mb, count), dtype=xp.float64)
     ok = xp.nonzero(safe)[0]
-    # Exact re-scoring gathers c rows per query in float64: chunk the queries so that stays
-    # within the working set for any k.
-    step = max(1, working_set // (8 * c * d))
-    for i0 in range(0, int(ok.shape[0]), step):
-        sel = ok[i0 : i0 + step]
-        r, s = _finalize(xp, cand, ids, Q64[sel], best_s[sel], best_r[sel], metric, count)
-        rows_out[sel] = r
-        scores_out[sel] = s
+    # Exact re-scoring gathers c rows per query in float64: in chunks of queries small enough
+    # for the temporaries to stay in cache (which also bounds them for any k), split among
+    # the workers.
+    step = max(1, _FINALIZE_BYTES // (8 * c * d))
+    chunks = [ok[i0 : i0 + step] for i0 in range(0, int(ok.shape[0]), step)]
+
+    def finish(w: int) -> None:
+        for sel in chunks[w :: len(parts)]:
+            r, s = _finalize(xp, cand, ids, Q64[sel], best_r[sel], metric, count)
+            rows_out[sel] = r
+            scores_out[sel] = s
+
+    if len(parts) > 1 and len(chunks) > 1:
+        parallel.map(finish, len(parts))
+    else:
+        for w in range(len(parts)):
+            finish(w)
     for i in _to_list(xp, xp.nonzero(~safe)[0]):
         bound = float(kth[i] + tol[i])
         r, s = _rescan(xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype)
         rows_out[i] = r
         scores_out[i] = s
     return rows_out, scores_out
+
+
+def _select_one(xp: Any, cand: _Candidates, s: Array, lo: int, c: int) -> tuple[Array, Array]:
+    """The ``c`` best of one query's coarse scores ``s`` (candidates ``lo...``) as ``(1, c)``.
+
+    The fast path of one query: the same admission bound as a tiled scan (the c-th best of a
+    prefix), then one comparison over all scores and a partition of the few that pass.
+    """
+    width = min(s.shape[0], max(_SAMPLE, 8 * c))
+    thr = _nan_to_inf(xp, xp.partition(s[:width], c - 1)[c - 1]) if width >= c else xp.inf
+    hits = xp.flatnonzero(s <= thr)  # NaN never passes: those rows are ranked apart
+    vals = s[hits]
+    if hits.shape[0] > c:
+        part = xp.argpartition(vals, c - 1)[:c]
+        hits, vals = hits[part], vals[part]
+    best_s = xp.full((1, c), xp.inf, dtype=s.dtype)
+    best_r = xp.full((1, c), -1, dtype=xp.int64)
+    best_s[0, : hits.shape[0]] = vals
+    best_r[0, : hits.shape[0]] = cand.row_index(lo, hits, xp)
+    return best_s, best_r
+
+
+_FINALIZE_BYTES = 2 << 20  # float64 candidate vectors re-scored at once (per worker)
+
+# Rows per worker below which splitting the scan costs more (thread hand-off, a second
+# selection) than it saves, and the multiply-adds a search must have before it is split.
+_MIN_ROWS_PER_WORKER = 4096
+_MIN_WORK = 1 << 22
+
+
+def _workers(available: int, mb: int, n: int, d: int) -> int:
+    if available <= 1 or mb * n * d < _MIN_WORK:
+        return 1
+    return max(1, min(available, n // _MIN_ROWS_PER_WORKER))
 
 
 def _nan_to_inf(xp: Any, a: Array) -> Array:
@@ -273,10 +354,15 @@ _AUGMENT_MIN = 256  # queries per block from which a per-tile copy of X beats a 
 class _Tiler:
     """Computes coarse score tiles for one block of queries into a reused buffer.
 
+    A tile is *transposed*, ``(rows, queries)``: then a query's threshold lines up with the
+    contiguous axis, so comparing a tile with the thresholds and taking minima over runs of
+    rows are plain streaming operations (in NumPy, an operand broadcast along the contiguous
+    axis takes a loop several times slower).
+
     For few queries the product is followed by one pass over the scores (``+ |x|^2`` for L2,
-    ``* 1/|x|`` for COSINE). For a big block, a pass over the ``(m, tile)`` scores costs more
+    ``* 1/|x|`` for COSINE). For a big block, a pass over the ``(tile, m)`` scores costs more
     than preparing the ``(tile, d)`` operand, so the tile is copied once with the norm appended
-    as an extra column (L2: ``[-2q, 1] . [x, |x|^2]``) or scaled by ``1/|x|`` (COSINE), and the
+    as an extra column (L2: ``[x, |x|^2] . [-2q, 1]``) or scaled by ``1/|x|`` (COSINE), and the
     product alone yields the coarse scores.
     """
 
@@ -284,7 +370,8 @@ class _Tiler:
         self.xp, self.cand, self.metric, self.cdtype = xp, cand, metric, cdtype
         mb = Qc.shape[0]
         width = min(tile, cand.n)
-        self.scratch = xp.empty((mb, width), dtype=cdtype)
+        self.transposed = mb >= _TRANSPOSE_MIN
+        self.scratch = xp.empty(width * mb, dtype=cdtype)
         self.augment = mb >= _AUGMENT_MIN and metric != "dot"
         self.Qc = Qc
         if self.augment and metric == "l2":
@@ -304,10 +391,14 @@ class _Tiler:
             return (1.0 / xp.sqrt(c.norms[t0:t1])).astype(self.cdtype)
 
     def scores(self, t0: int, t1: int) -> Array:
-        """Coarse scores of the block against candidates ``t0:t1`` (a view of the buffer)."""
+        """Coarse scores of candidates ``t0:t1`` against the block (a view of the buffer):
+        ``(t1 - t0, m)`` when :attr:`transposed`, else ``(m, t1 - t0)``."""
         xp, cand = self.xp, self.cand
         Xt = cand.X[t0:t1] if cand.rows is None else cand.X[cand.rows[t0:t1]]
-        S = self.scratch[:, : t1 - t0]
+        mb = self.Qc.shape[0]
+        if not self.transposed:
+            return self._row_scores(Xt, self.scratch[: mb * (t1 - t0)].reshape(mb, t1 - t0), t0, t1)
+        S = self.scratch[: mb * (t1 - t0)].reshape(t1 - t0, mb)
         if self.augment:
             Xa = self.Xa[: t1 - t0]
             if self.metric == "l2":
@@ -317,11 +408,26 @@ class _Tiler:
                 # A zero row scales to NaN (0 * inf) and its scores are NaN: ranked last.
                 with np.errstate(invalid="ignore"):
                     xp.multiply(Xt, self._inv(t0, t1)[:, None], out=Xa)
-            xp.matmul(self.Qc, Xa.T, out=S)
+            xp.matmul(Xa, self.Qc.T, out=S)
             return S
         if self.cdtype != xp.float32:
             Xt = Xt.astype(self.cdtype)
-        if self.Qc.shape[0] == 1:
+        xp.matmul(Xt, self.Qc.T, out=S)
+        if self.metric == "l2":
+            S += self._norms(t0, t1)[:, None]
+        elif self.metric == "cosine":
+            # A zero row has 1/|x| = inf: 0 * inf = NaN marks it, and NaN ranks last.
+            with np.errstate(invalid="ignore"):
+                S *= self._inv(t0, t1)[:, None]
+        return S
+
+    def _row_scores(self, Xt: Array, S: Array, t0: int, t1: int) -> Array:
+        """Scores laid out ``(m, rows)``, for a few queries (the per-row passes run along the
+        contiguous axis)."""
+        xp = self.xp
+        if self.cdtype != xp.float32:
+            Xt = Xt.astype(self.cdtype)
+        if S.shape[0] == 1:
             # One query: a matrix-vector product streams X once at memory bandwidth.
             xp.matmul(Xt, self.Qc[0], out=S[0])
         else:
@@ -329,16 +435,15 @@ class _Tiler:
         if self.metric == "l2":
             S += self._norms(t0, t1)
         elif self.metric == "cosine":
-            # A zero row has 1/|x| = inf: 0 * inf = NaN marks it, and NaN ranks last.
             with np.errstate(invalid="ignore"):
                 S *= self._inv(t0, t1)
         return S
 
 
-def _merge(
+def _merge_rows(
     xp: Any, cand: _Candidates, best_s: Array, best_r: Array, S: Array, t0: int, thr: Array, c: int
 ) -> tuple[Array, Array]:
-    """Fold a tile of coarse scores into each query's ``c`` best.
+    """Fold a tile of coarse scores laid out ``(queries, rows)`` into each query's ``c`` best.
 
     Once the bounds are tight, most queries have no score in a tile at or below their bound:
     a row minimum (one fast reduction) finds the rows that do, and only those are compared
@@ -374,40 +479,114 @@ def _merge(
     cand_r[qi, c + slot] = cand.row_index(t0, col, xp)
     # Empty slots hold NaN and rank last; +inf placeholders in best_s rank before them.
     part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
-    return xp.take_along_axis(cand_s, part, axis=1), xp.take_along_axis(cand_r, part, axis=1)
+    return _rows_take(xp, cand_s, part), _rows_take(xp, cand_r, part)
 
 
-def _order(xp: Any, scores: Array, row_ids: Array, valid: Array) -> Array:
-    """Per-row order by (invalid, NaN, score, id): the contract's result order.
+_TRANSPOSE_MIN = 32  # queries per block from which score tiles are laid out (rows, queries)
+_CHUNK = 64  # rows per run whose minimum decides whether the run is compared at all
 
-    Successive stable sorts, least significant key first (NumPy and CuPy both have them; a
-    stacked lexsort would cast uint64 ids to float64 and lose precision).
+
+def _merge(
+    xp: Any, cand: _Candidates, best_s: Array, best_r: Array, S: Array, t0: int, thr: Array, c: int
+) -> tuple[Array, Array]:
+    """Fold a transposed tile ``S`` (rows, queries) into each query's ``c`` best, in place.
+
+    Once the bounds are tight, most of a tile lies above every query's bound. Minima over runs
+    of :data:`_CHUNK` rows (one streaming reduction) find the (run, query) pairs holding a
+    score at or below the query's bound, and only those are compared element by element, so
+    the tile is read about once. The hits are gathered through flat indices (NumPy's 2-D
+    ``nonzero`` is an order of magnitude slower than ``flatnonzero``), and only the queries
+    that got hits are re-selected.
     """
-    order = xp.argsort(row_ids, axis=1, kind="stable")
-    for key in (
-        xp.where(valid, scores, xp.inf),
-        xp.isnan(scores) & valid,
-        ~valid,
-    ):
-        key = xp.take_along_axis(key, order, axis=1)
-        order = xp.take_along_axis(order, xp.argsort(key, axis=1, kind="stable"), axis=1)
+    width_tile, mb = S.shape
+    ch = _CHUNK if width_tile % _CHUNK == 0 else width_tile
+    nch = width_tile // ch
+    runs = S.reshape(nch, ch, mb)
+    run_min = xp.min(runs, axis=1)
+    # A run holding a NaN (COSINE, zero vector) has a NaN minimum: compare it in full.
+    # Pairs are enumerated query-major (through a transposed view of the small mask), so the
+    # hits come out grouped by query with no sort.
+    live = xp.flatnonzero(((run_min <= thr) | xp.isnan(run_min)).T)
+    if live.shape[0] == 0:
+        return best_s, best_r
+    if 4 * live.shape[0] < nch * mb:
+        lq, lrun = live // nch, live % nch
+        sub = runs[lrun, :, lq]  # (live, ch)
+        hits = xp.flatnonzero(sub <= thr[lq][:, None])
+        pair = hits // ch
+        qi = lq[pair]
+        row = lrun[pair] * ch + hits % ch
+        vals = sub.reshape(-1)[hits]
+    else:
+        # Enumerating the transposed mask copies it (a byte per score), still far cheaper
+        # than sorting the hits by query.
+        hits = xp.flatnonzero((S <= thr).T)
+        qi = hits // width_tile
+        row = hits % width_tile
+        vals = S[row, qi]
+    if hits.shape[0] == 0:
+        return best_s, best_r
+    counts = xp.bincount(qi, minlength=mb)
+    touched = xp.flatnonzero(counts)
+    slot_of = xp.zeros(mb, dtype=xp.int64)
+    slot_of[touched] = xp.arange(touched.shape[0])
+    ti = slot_of[qi]
+    width = int(xp.max(counts))
+    starts = xp.cumsum(counts) - counts
+    slot = xp.arange(hits.shape[0]) - starts[qi]
+    cand_s = xp.full((touched.shape[0], c + width), xp.nan, dtype=S.dtype)
+    cand_r = xp.full((touched.shape[0], c + width), -1, dtype=xp.int64)
+    cand_s[:, :c] = best_s[touched]
+    cand_r[:, :c] = best_r[touched]
+    cand_s[ti, c + slot] = vals
+    cand_r[ti, c + slot] = cand.row_index(t0, row, xp)
+    # Empty slots hold NaN and rank last; +inf placeholders in best_s rank before them.
+    part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
+    best_s[touched] = _rows_take(xp, cand_s, part)
+    best_r[touched] = _rows_take(xp, cand_r, part)
+    return best_s, best_r
+
+
+def _rows_take(xp: Any, a: Array, idx: Array) -> Array:
+    """``take_along_axis(a, idx, axis=1)`` without its Python overhead (small arrays, hot path)."""
+    return a[xp.arange(a.shape[0])[:, None], idx]
+
+
+def _order(xp: Any, scores: Array, row_ids: Array) -> Array:
+    """Per-row order by (score, id), NaN scores last (by id among themselves): the contract's
+    result order.
+
+    One sort by score; only the rows holding equal scores (or NaNs) are sorted again, id first
+    and then stably by score (NumPy and CuPy both sort NaN last; a stacked lexsort would cast
+    uint64 ids to float64 and lose precision).
+    """
+    order = xp.argsort(scores, axis=1)
+    ranked = _rows_take(xp, scores, order)
+    tied = xp.flatnonzero(xp.any((ranked[:, 1:] == ranked[:, :-1]) | xp.isnan(ranked[:, 1:]), axis=1))
+    if tied.shape[0]:
+        by_id = xp.argsort(row_ids[tied], axis=1, kind="stable")
+        again = xp.argsort(_rows_take(xp, scores[tied], by_id), axis=1, kind="stable")
+        order[tied] = _rows_take(xp, by_id, again)
     return order
 
 
 def _finalize(
-    xp: Any, cand: _Candidates, ids: Array, Q64: Array, coarse: Array, rows_in: Array, metric: str, count: int
+    xp: Any, cand: _Candidates, ids: Array, Q64: Array, rows_in: Array, metric: str, count: int
 ) -> tuple[Array, Array]:
-    """Exact scores for the kept candidates, then order by (score, id), NaN last, and cut."""
-    # A NaN coarse score means an exact NaN (COSINE, zero vector); those are ranked apart.
-    valid = (rows_in >= 0) & ~xp.isnan(coarse)
+    """Exact scores for the kept candidates, then order by (score, id), NaN last, and cut.
+
+    Placeholders (row -1) score NaN and sort last; a query left with fewer than ``count``
+    non-NaN results is completed by the rows whose score is NaN, by id (:func:`_fill_nan`).
+    """
+    valid = rows_in >= 0
     safe_rows = xp.where(valid, rows_in, 0)
-    scores = exact_scores(xp, metric, cand.X[safe_rows], Q64[:, None, :])
-    order = _order(xp, scores, ids[safe_rows], valid)
-    rows = xp.take_along_axis(safe_rows, order, axis=1)[:, :count]
-    scores = xp.take_along_axis(scores, order, axis=1)[:, :count]
-    nvalid = xp.sum(valid, axis=1)
-    for i in _to_list(xp, xp.nonzero(nvalid < count)[0]):
-        rows[i], scores[i] = _fill_nan(xp, cand, ids, Q64[i], rows[i], int(nvalid[i]), metric, count)
+    scores = xp.where(valid, exact_scores(xp, metric, cand.X[safe_rows], Q64[:, None, :]), xp.nan)
+    order = _order(xp, scores, ids[safe_rows])[:, :count]
+    rows = _rows_take(xp, safe_rows, order)
+    scores = _rows_take(xp, scores, order)
+    have = count - xp.sum(xp.isnan(scores), axis=1)
+    for i in _to_list(xp, xp.nonzero(have < count)[0]):
+        rows[i], scores[i] = _fill_nan(xp, cand, ids, Q64[i], rows[i], int(have[i]), metric, count)
     return rows, scores
 
 
@@ -444,10 +623,10 @@ def _rescan(
     tiler = _Tiler(xp, cand, Qc1, metric, cdtype, tile)
     for t0 in range(0, n, tile):
         S = tiler.scores(t0, min(t0 + tile, n))
-        found.append(cand.row_index(t0, xp.flatnonzero(S[0] <= bound), xp))
+        found.append(cand.row_index(t0, xp.flatnonzero(S.reshape(-1) <= bound), xp))
     rows = xp.concatenate(found)
     scores = exact_scores(xp, metric, cand.X[rows], q64)
-    order = _order(xp, scores[None, :], ids[rows][None, :], xp.ones((1, rows.shape[0]), dtype=bool))[0]
+    order = _order(xp, scores[None, :], ids[rows][None, :])[0]
     have = min(count, int(rows.shape[0]))
     rows = xp.concatenate([rows[order][:have], xp.zeros(count - have, dtype=xp.int64)])
     if have < count:

@@ -4,7 +4,9 @@ The kernel has several paths chosen by shape and data: a matrix-vector product (
 plain product plus a pass over the scores (few queries), a product over an augmented or
 pre-scaled copy of each tile (256 queries or more), float64 coarse scores for vectors outside
 float32's comfortable range, a re-scan when near-ties crowd the candidate margin, a pre-filter
-over a subset of rows, and many small tiles when the working set is tiny. Each is compared here,
+over a subset of rows, many small tiles when the working set is tiny, small query blocks for
+large k, and scans split among workers (threads, or inline to test the split alone). Each is
+compared here,
 ids and scores, with the reference: exact float64 scores of every row, ordered by (NaN last,
 score, id).
 """
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 
 from iqdb._store import row_norms_sq
-from iqdb.kernels import exact_scores, flat_topk
+from iqdb.kernels import _flat, exact_scores, flat_topk
+from iqdb.kernels._parallel import Parallel, ThreadedCpu, _BlasLimit
 
 METRICS = ["l2", "cosine", "dot"]
 
@@ -64,7 +67,7 @@ def queries(X: np.ndarray, m: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("m", [1, 7, 300], ids=["gemv", "gemm", "augmented"])
+@pytest.mark.parametrize("m", [1, 7, 40, 300], ids=["gemv", "rows", "transposed", "augmented"])
 @pytest.mark.parametrize("k", [1, 10, 33])
 def test_every_query_path_matches_the_reference(metric: str, m: int, k: int) -> None:
     X, ids = tricky_data(2000, 12, seed=m + k)
@@ -120,3 +123,88 @@ def test_k_above_the_row_count_returns_every_row_in_order() -> None:
         got = run(X, ids, Q, 500, metric)
         assert all(len(r) == 80 for r in got[0])
         same(got, reference(X, ids, Q, 500, metric, None))
+
+
+class InlineWorkers(Parallel):
+    """Claims ``workers`` cores but runs the tasks one after another: the split's logic,
+    deterministically."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+
+@pytest.fixture
+def split_small_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let tiny test data split among workers (the real floors keep small scans whole)."""
+    monkeypatch.setattr(_flat, "_MIN_WORK", 0)
+    monkeypatch.setattr(_flat, "_MIN_ROWS_PER_WORKER", 1)
+
+
+def run_split(X, ids, Q, k, metric, parallel, rows=None, working_set=16 << 20):
+    out = flat_topk(
+        np, X, row_norms_sq(np, X), ids, Q, k, metric, rows, working_set=working_set, parallel=parallel
+    )
+    return ids[out.rows].tolist(), out.scores.tolist()
+
+
+RUNNERS = {
+    "inline-2": lambda: InlineWorkers(2),
+    "inline-3": lambda: InlineWorkers(3),
+    "threads-3": lambda: ThreadedCpu(3, _BlasLimit(_blas_controllers())),
+}
+
+
+def _blas_controllers() -> list:
+    from threadpoolctl import ThreadpoolController
+
+    return list(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@pytest.mark.usefixtures("split_small_scans")
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("m", [1, 7, 40, 300], ids=["gemv", "rows", "transposed", "augmented"])
+@pytest.mark.parametrize("k", [1, 33])
+def test_scans_split_among_workers_match_the_reference(runner: str, metric: str, m: int, k: int) -> None:
+    X, ids = tricky_data(2000, 12, seed=m + k)
+    Q = queries(X, m, seed=k)
+    got = run_split(X, ids, Q, k, metric, RUNNERS[runner]())
+    same(got, reference(X, ids, Q, k, metric, None))
+
+
+@pytest.mark.usefixtures("split_small_scans")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("m", [1, 300])
+def test_split_scans_with_tiny_tiles_prefilter_and_rescan_match_the_reference(metric: str, m: int) -> None:
+    parallel = InlineWorkers(3)
+    X, ids = tricky_data(9000, 8, seed=7)
+    Q = queries(X, m, seed=3)
+    same(run_split(X, ids, Q, 25, metric, parallel, working_set=4096), reference(X, ids, Q, 25, metric, None))
+    rows = np.union1d(np.flatnonzero(np.random.default_rng(0).random(9000) < 0.3), [3, 5, 6, 30])
+    rows = rows.astype(np.int64)
+    same(run_split(X, ids, Q, 12, metric, parallel, rows), reference(X, ids, Q, 12, metric, rows))
+    # 200 identical rows spread over all three workers' shares: a re-scan must find the
+    # smallest ids among them.
+    X2 = np.random.default_rng(4).standard_normal((6000, 16)).astype(np.float32)
+    X2[::30] = X2[7]
+    ids2 = np.random.default_rng(5).permutation(np.arange(6000, dtype=np.uint64))
+    Q2 = np.stack([X2[7], X2[7] * 1.5]).astype(np.float32)
+    same(run_split(X2, ids2, Q2, 10, metric, parallel), reference(X2, ids2, Q2, 10, metric, None))
+
+
+@pytest.mark.usefixtures("split_small_scans")
+@pytest.mark.parametrize("metric", METRICS)
+def test_k_above_a_workers_share_matches_the_reference(metric: str) -> None:
+    """k = 70 over 3 workers' shares of 40 rows: each share keeps every row it has."""
+    X, ids = tricky_data(120, 4, seed=1)
+    Q = queries(X, 5, seed=1)
+    same(run_split(X, ids, Q, 70, metric, InlineWorkers(3)), reference(X, ids, Q, 70, metric, None))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("k", [100, 700])
+def test_large_k_shrinks_the_query_block_and_matches_the_reference(metric: str, k: int) -> None:
+    """With a small working set and large k the queries run in many small blocks."""
+    X, ids = tricky_data(6000, 10, seed=k)
+    Q = queries(X, 40, seed=k)
+    same(run(X, ids, Q, k, metric, working_set=1 << 17), reference(X, ids, Q, k, metric, None))
