@@ -61,12 +61,17 @@ __all__ = [
 
 
 def open(
-    path: str | os.PathLike[str], *, device: str = "auto", readonly: bool = False, **options: Any
+    path: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    readonly: bool = False,
+    working_set: int = 16 << 20,
+    **options: Any,
 ) -> Iqdb:
     """Open or create a durable database in directory ``path``; see :meth:`Iqdb.open`."""
-    return Iqdb.open(path, device=device, readonly=readonly, **options)
+    return Iqdb.open(path, device=device, readonly=readonly, working_set=working_set, **options)
 
 
-def open_in_memory(*, device: str = "auto") -> Iqdb:
+def open_in_memory(*, device: str = "auto", working_set: int = 16 << 20) -> Iqdb:
     """A new in-memory database; see :meth:`Iqdb.open_in_memory`."""
-    return Iqdb.open_in_memory(device=device)
+    return Iqdb.open_in_memory(device=device, working_set=working_set)

@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,18 @@ log = logging.getLogger("iqdb")
 
 Predicate = Callable[[Record], object]
 _BOOL_TYPES = frozenset({bool, np.bool_})
+T = TypeVar("T")
+
+DEFAULT_WORKING_SET = 16 << 20
+_MIN_WORKING_SET = 64 << 10
+
+
+def _check_working_set(working_set: object) -> int:
+    if type(working_set) in _BOOL_TYPES or not isinstance(working_set, (int, np.integer)):
+        raise InvalidConfig(f"working_set must be an integer number of bytes, got {working_set!r}")
+    if working_set < _MIN_WORKING_SET:
+        raise InvalidConfig(f"working_set must be at least {_MIN_WORKING_SET} bytes, got {working_set}")
+    return int(working_set)
 
 
 def _check_k(k: object) -> int:
@@ -105,9 +117,17 @@ class Iqdb:
     raises :class:`Closed`.
     """
 
-    def __init__(self, store: ColumnStore, backend: Backend, *, _token: object = None) -> None:
+    def __init__(
+        self,
+        store: ColumnStore,
+        backend: Backend,
+        *,
+        working_set: int = DEFAULT_WORKING_SET,
+        _token: object = None,
+    ) -> None:
         if _token is not _PRIVATE:
             raise TypeError("use Iqdb.open_in_memory() or Iqdb.open(path)")
+        self._working_set = working_set
         self._store = store
         self._backend = backend
         self._lock = RWLock()
@@ -115,23 +135,28 @@ class Iqdb:
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
-    def open_in_memory(cls, *, device: str = "auto") -> Iqdb:
+    def open_in_memory(cls, *, device: str = "auto", working_set: int = DEFAULT_WORKING_SET) -> Iqdb:
         """A new, empty, in-memory database. Never touches the file system.
 
         Parameters
         ----------
         device
             ``"auto"``, ``"cpu"``, ``"gpu"``, ``"cuda"`` or ``"cuda:N"``.
+        working_set
+            Bytes of score tiles a search may use at once (default 16 MiB): a search's extra
+            memory beyond its inputs and results stays within a small multiple of this for
+            any number of queries and records.
 
         Raises
         ------
         InvalidConfig
-            An unknown device string.
+            An unknown device string; ``working_set`` not an integer of at least 64 KiB.
         DeviceUnavailable
             A GPU spelling on a machine without a usable GPU.
         """
+        ws = _check_working_set(working_set)
         backend = resolve_device(device)
-        return cls(ColumnStore(backend), MemoryBackend(), _token=_PRIVATE)
+        return cls(ColumnStore(backend), MemoryBackend(), working_set=ws, _token=_PRIVATE)
 
     @classmethod
     def open(
@@ -140,6 +165,7 @@ class Iqdb:
         *,
         device: str = "auto",
         readonly: bool = False,
+        working_set: int = DEFAULT_WORKING_SET,
         **options: Any,
     ) -> Iqdb:
         """Open or create a durable database in directory ``path`` (created with its parents).
@@ -148,7 +174,7 @@ class Iqdb:
         ----------
         path
             The directory: ``path/snap`` (Arrow IPC snapshot) and ``path/wal`` (write-ahead log).
-        device
+        device, working_set
             As for :meth:`open_in_memory`.
         readonly
             Open a consistent view without the write lock; never changes a file. Writes raise
@@ -159,7 +185,8 @@ class Iqdb:
         Raises
         ------
         InvalidConfig
-            ``path`` exists and is not a directory; an unknown option or device.
+            ``path`` exists and is not a directory; an unknown option or device; a bad
+            ``working_set``.
         Corrupt
             The snapshot or the WAL header fails its integrity checks.
         Locked
@@ -172,10 +199,11 @@ class Iqdb:
         unknown = set(options) - {"sync", "wal_limit", "fs"}
         if unknown:
             raise InvalidConfig(f"unknown option(s) for Iqdb.open: {', '.join(sorted(unknown))}")
+        ws = _check_working_set(working_set)
         backend = resolve_device(device)
         store = ColumnStore(backend)
         durable = open_durable(os.fspath(path), store, readonly=readonly, **options)
-        return cls(store, durable, _token=_PRIVATE)
+        return cls(store, durable, working_set=ws, _token=_PRIVATE)
 
     # -- lifecycle ------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -445,7 +473,7 @@ class Iqdb:
             return []
         met = coerce_metric(metric)
         q = as_vector_array(query)[None, :]
-        return self._search(q, kk, met, predicate)[0]
+        return self._search(q, kk, met, predicate, _as_results)[0]
 
     def search_batch(
         self,
@@ -478,16 +506,67 @@ class Iqdb:
         if _length(queries) == 0:
             return []
         Q = as_matrix(queries, "queries")
-        return self._search(Q, kk, met, predicate)
+        return self._search(Q, kk, met, predicate, _as_results)
+
+    def search_arrays(
+        self,
+        queries: object,
+        k: int,
+        metric: DistanceMetric | str = DistanceMetric.COSINE,
+        predicate: Predicate | None = None,
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float64]]:
+        """As :meth:`search_batch`, as two arrays instead of result objects.
+
+        For many queries or a large ``k``: no per-result objects and no payload copies.
+
+        >>> import numpy as np, iqdb
+        >>> db = iqdb.open_in_memory()
+        >>> db.upsert_many([7, 8, 9], np.eye(3))
+        >>> ids, scores = db.search_arrays([[1, 0, 0], [0, 0, 1]], 2, "l2")
+        >>> ids.tolist(), scores.round(3).tolist()
+        ([[7, 8], [9, 7]], [[0.0, 1.414], [0.0, 1.414]])
+
+        Returns
+        -------
+        (ids, scores)
+            ``(m, c)`` arrays, ``uint64`` and ``float64``: row ``i`` holds query ``i``'s results
+            in order, exactly what :meth:`search_batch` gives for it. ``c = min(k, number of
+            records considered)`` is the same for every query (``0`` while the database has
+            never held a vector).
+
+        Raises
+        ------
+        As :meth:`search_batch`.
+        """
+        self._check_open()
+        kk = _check_k(k)
+        m = _length(queries)
+        if kk == 0:  # as search_batch: k == 0 answers before any other check
+            return _as_arrays(self._store, m or 0, None)
+        met = coerce_metric(metric)
+        if predicate is not None and not callable(predicate):
+            raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
+        if m == 0:
+            return _as_arrays(self._store, 0, None)
+        Q = as_matrix(queries, "queries")
+        return self._search(Q, kk, met, predicate, _as_arrays)
 
     def _search(
-        self, Q: npt.NDArray[np.float32], k: int, metric: DistanceMetric, predicate: Predicate | None
-    ) -> list[list[SearchResult]]:
+        self,
+        Q: npt.NDArray[np.float32],
+        k: int,
+        metric: DistanceMetric,
+        predicate: Predicate | None,
+        finish: Callable[[ColumnStore, int, _Found | None], T],
+    ) -> T:
+        """Run the kernel under the read lock; ``finish`` turns its rows and scores (``None``
+        while the database has never held a vector) into the caller's form, still under the
+        lock, since rows move when records are written."""
         with self._lock.read():
             self._check_open()
             store = self._store
             if store.dim is None:
-                return [[] for _ in range(Q.shape[0])]
+                return finish(store, Q.shape[0], None)
             if Q.shape[1] != store.dim:
                 raise DimensionMismatch(left=int(Q.shape[1]), right=store.dim)
             rows = None if predicate is None else self._filter_rows(predicate)
@@ -504,22 +583,11 @@ class Iqdb:
                 norms32=store.norms32,
                 inv_norms32=store.inv_norms32,
                 norm_bounds=store.norm_bounds,
+                working_set=self._working_set,
                 parallel=be.parallel,
             )
-            found_rows = be.to_host(out.rows)
-            scores = be.to_host(out.scores).tolist()
-            found_ids = store.ids[found_rows].tolist()
-            payloads = store.payloads
-            # Ids and scores from the store are canonical by construction: skip the checks.
-            rid = functools.partial(int.__new__, RecordId)
-            make = SearchResult._trusted
-            return [
-                [
-                    make(i, score, None if (p := payloads[row]) is None else p.copy())
-                    for i, score, row in zip(map(rid, ids_q), scores_q, rows_q)
-                ]
-                for ids_q, scores_q, rows_q in zip(found_ids, scores, found_rows.tolist())
-            ]
+            found = (be.to_host(out.rows), be.to_host(out.scores))
+            return finish(store, Q.shape[0], found)
 
     def _filter_rows(self, predicate: Predicate) -> npt.NDArray[np.int64]:
         """Rows whose record passes ``predicate`` (the escape hatch: one call per record)."""
@@ -559,3 +627,34 @@ def _length(data: object) -> int | None:
 
 
 _PRIVATE = object()
+
+
+_Found = tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]  # rows into the store, scores
+
+
+def _as_results(store: ColumnStore, m: int, found: _Found | None) -> list[list[SearchResult]]:
+    if found is None:
+        return [[] for _ in range(m)]
+    found_rows, scores_arr = found
+    scores = scores_arr.tolist()
+    found_ids = store.ids[found_rows].tolist()
+    payloads = store.payloads
+    # Ids and scores from the store are canonical by construction: skip the checks.
+    rid = functools.partial(int.__new__, RecordId)
+    make = SearchResult._trusted
+    return [
+        [
+            make(i, score, None if (p := payloads[row]) is None else p.copy())
+            for i, score, row in zip(map(rid, ids_q), scores_q, rows_q)
+        ]
+        for ids_q, scores_q, rows_q in zip(found_ids, scores, found_rows.tolist())
+    ]
+
+
+def _as_arrays(
+    store: ColumnStore, m: int, found: _Found | None
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float64]]:
+    if found is None:
+        return np.empty((m, 0), dtype=np.uint64), np.empty((m, 0), dtype=np.float64)
+    found_rows, scores = found
+    return store.ids[found_rows], scores
