@@ -137,6 +137,7 @@ class InlineWorkers(Parallel):
 def split_small_scans(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let tiny test data split among workers (the real floors keep small scans whole)."""
     monkeypatch.setattr(_flat, "_MIN_WORK", 0)
+    monkeypatch.setattr(_flat, "_MIN_WORK_ONE_QUERY", 0)
     monkeypatch.setattr(_flat, "_MIN_ROWS_PER_WORKER", 1)
 
 
