@@ -4,12 +4,13 @@ Run the whole comparison (every case at the issue sizes; about 40 min on 2 cores
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/bench_search.py
 
-The committed results (bench/results/) came from these three runs, on a shared machine:
+The committed results (bench/results/) came from these three runs (the same cases, split so each
+result file gets its own tag), on a shared machine:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/bench_search.py \
-        --n 1000000 --dim 128 --wide none --queries 1000 --single 50 --cases single,batch --tag cpu
+        --n 1000000 --dim 128 --wide none --queries 1000,10000 --single 50 --cases single,batch --tag cpu
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/bench_search.py \
-        --n 100000 --dim 768 --wide none --queries 1000 --single 40 --cases single,batch --tag cpu_768
+        --n 200000 --dim 768 --wide none --queries 1000 --single 40 --cases single,batch --tag cpu_768
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/bench_search.py \
         --cases sweep,scaling --dim 128 --sweep-n 100000 --scaling-max 1000000 --tag cpu
 
