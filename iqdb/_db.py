@@ -495,18 +495,10 @@ class Iqdb:
         ------
         As :meth:`search` and :meth:`search_with`.
         """
-        self._check_open()
-        kk = _check_k(k)
-        if kk == 0:
-            m = _length(queries)
-            return [[] for _ in range(m or 0)]
-        met = coerce_metric(metric)
-        if predicate is not None and not callable(predicate):
-            raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
-        if _length(queries) == 0:
-            return []
-        Q = as_matrix(queries, "queries")
-        return self._search(Q, kk, met, predicate, _as_results)
+        request = self._batch_request(queries, k, metric, predicate)
+        if request is None:
+            return [[] for _ in range(_length(queries) or 0)]
+        return self._search(*request, predicate, _as_results)
 
     def search_arrays(
         self,
@@ -538,18 +530,27 @@ class Iqdb:
         ------
         As :meth:`search_batch`.
         """
+        request = self._batch_request(queries, k, metric, predicate)
+        if request is None:
+            return _as_arrays(self._store, _length(queries) or 0, None)
+        return self._search(*request, predicate, _as_arrays)
+
+    def _batch_request(
+        self, queries: object, k: object, metric: object, predicate: Predicate | None
+    ) -> tuple[npt.NDArray[np.float32], int, DistanceMetric] | None:
+        """The batch searches' checks, in the contract's order: ``None`` when the answer is
+        empty without searching (``k == 0`` answers before any other check; no queries), else
+        the query matrix, ``k`` and the metric."""
         self._check_open()
         kk = _check_k(k)
-        m = _length(queries)
-        if kk == 0:  # as search_batch: k == 0 answers before any other check
-            return _as_arrays(self._store, m or 0, None)
+        if kk == 0:
+            return None
         met = coerce_metric(metric)
         if predicate is not None and not callable(predicate):
             raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
-        if m == 0:
-            return _as_arrays(self._store, 0, None)
-        Q = as_matrix(queries, "queries")
-        return self._search(Q, kk, met, predicate, _as_arrays)
+        if _length(queries) == 0:
+            return None
+        return as_matrix(queries, "queries"), kk, met
 
     def _search(
         self,

@@ -172,14 +172,14 @@ def flat_topk(
     if norm_bounds is None or rows is not None:
         positive = cand.norms[cand.norms > 0]
         norm_bounds = (float(xp.min(positive)), float(xp.max(positive))) if positive.shape[0] else (1.0, 0.0)
-    # Queries per block: all of them up to 1024 (the product's efficiency grows with the block),
+    # Queries per block: all of them up to _MAX_BLOCK (the product's efficiency grows with the block),
     # with a tile of rows sized so the score tiles fit the working set. A tile should hold
     # several times the c = k + margin candidates each query keeps, or merging them into the
     # running selection (per query and tile) would cost more than the product: for large k
     # the blocks get smaller and the tiles taller.
     per_worker = working_set // max(1, parallel.workers)
     rows_per_tile = max(1024, _TILE_PER_CANDIDATE * min(n_cand, k + _MARGIN))
-    block = _even_block(m, max(1, min(1024, per_worker // (4 * rows_per_tile))))
+    block = _even_block(m, max(1, min(_MAX_BLOCK, per_worker // (4 * rows_per_tile))))
     for q0 in range(0, m, block):
         r, s = _search_block(
             xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set, parallel
@@ -189,15 +189,18 @@ def flat_topk(
     return SearchOutput(out_rows, out_scores, count)
 
 
+# At most 1,000 queries per block, not 1,024: blocks of (or just under) a power of two run
+# slower, their transposed score tiles' rows sitting about 2^k floats apart in the caches
+# (1,000,000 x 128, k = 10, ms per query: 1,024 -> 1.67, 1,023 -> 1.67, 1,020 -> 1.52,
+# 1,000 -> 1.50; 512 -> 1.57 against 500 -> 1.50).
+_MAX_BLOCK = 1000
 _TILE_PER_CANDIDATE = 8  # rows of a tile per candidate kept (so k = 1,000 -> 8,064 rows)
 
 
 def _even_block(m: int, most: int) -> int:
-    """Queries per block: at most ``most``, the blocks as even as possible, and not a power of
-    two from 64 up (a transposed score tile's rows would then sit 2^k floats apart, which
-    alias in the caches: 1,024-query blocks ran about 15 % slower than 1,000-query ones)."""
-    block = -(-m // -(-m // most))
-    return block - 1 if block >= 64 and block & (block - 1) == 0 else block
+    """Queries per block: at most ``most``, the blocks as even as possible (no small leftover
+    block paying a whole pass over the rows)."""
+    return -(-m // -(-m // most))
 
 
 _SAMPLE = 512  # columns of the first tile used to seed each query's admission threshold
@@ -275,9 +278,10 @@ def _search_block(
         return best_s, best_r
 
     parts = parallel.map(scan, workers) if workers > 1 else [scan(0)]
-    best_s = xp.concatenate([p[0] for p in parts], axis=1)
-    best_r = xp.concatenate([p[1] for p in parts], axis=1)
+    best_s, best_r = parts[0]
     if workers > 1:
+        best_s = xp.concatenate([p[0] for p in parts], axis=1)
+        best_r = xp.concatenate([p[1] for p in parts], axis=1)
         # The c best of the union (placeholders, +inf with row -1, rank before NaN as in _merge).
         part = xp.argpartition(best_s, c - 1, axis=1)[:, :c]
         best_s = _rows_take(xp, best_s, part)
@@ -342,8 +346,8 @@ _FINALIZE_BYTES = 2 << 20  # float64 candidate vectors re-scored at once (per wo
 # Rows per worker below which splitting the scan costs more (thread hand-off, a second
 # selection) than it saves, and the multiply-adds a search must have before it is split.
 # A single query splits later: its product is bandwidth-bound either way, and the split only
-# pays once the selection over n scores costs more than the hand-off (measured: even at
-# 300,000 x 128, ahead from about 500,000).
+# pays once the selection over n scores costs more than the hand-off (measured: level at
+# 100,000-300,000 x 128 and at 200,000 x 768, 16 ms against 22 ms at 1,000,000 x 128).
 _MIN_ROWS_PER_WORKER = 4096
 _MIN_WORK = 1 << 22
 _MIN_WORK_ONE_QUERY = 1 << 25
@@ -372,7 +376,7 @@ class _Tiler:
     A tile is *transposed*, ``(rows, queries)``: then a query's threshold lines up with the
     contiguous axis, so comparing a tile with the thresholds and taking minima over runs of
     rows are plain streaming operations (in NumPy, an operand broadcast along the contiguous
-    axis takes a loop several times slower).
+    axis takes a loop about 3.5x slower, measured on a 1,024 x 3,840 tile).
 
     For few queries the product is followed by one pass over the scores (``+ |x|^2`` for L2,
     ``* 1/|x|`` for COSINE). For a big block, a pass over the ``(tile, m)`` scores costs more
@@ -458,7 +462,8 @@ class _Tiler:
 def _merge_rows(
     xp: Any, cand: _Candidates, best_s: Array, best_r: Array, S: Array, t0: int, thr: Array, c: int
 ) -> tuple[Array, Array]:
-    """Fold a tile of coarse scores laid out ``(queries, rows)`` into each query's ``c`` best.
+    """Fold a tile of coarse scores laid out ``(queries, rows)`` into each query's ``c`` best, in
+    place.
 
     Once the bounds are tight, most queries have no score in a tile at or below their bound:
     a row minimum (one fast reduction) finds the rows that do, and only those are compared
@@ -479,22 +484,7 @@ def _merge_rows(
         sub = S
         hits = xp.flatnonzero(S <= thr[:, None])
         qi = hits // width_tile
-    if hits.shape[0] == 0:
-        return best_s, best_r
-    col = hits % width_tile
-    counts = xp.bincount(qi, minlength=mb)
-    width = int(xp.max(counts))
-    starts = xp.cumsum(counts) - counts
-    slot = xp.arange(hits.shape[0]) - starts[qi]
-    cand_s = xp.full((mb, c + width), xp.nan, dtype=S.dtype)
-    cand_r = xp.full((mb, c + width), -1, dtype=xp.int64)
-    cand_s[:, :c] = best_s
-    cand_r[:, :c] = best_r
-    cand_s[qi, c + slot] = sub.reshape(-1)[hits]
-    cand_r[qi, c + slot] = cand.row_index(t0, col, xp)
-    # Empty slots hold NaN and rank last; +inf placeholders in best_s rank before them.
-    part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
-    return _rows_take(xp, cand_s, part), _rows_take(xp, cand_r, part)
+    return _fold(xp, cand, best_s, best_r, qi, t0 + hits % width_tile, sub.reshape(-1)[hits], c)
 
 
 _TRANSPOSE_MIN = 32  # queries per block from which score tiles are laid out (rows, queries)
@@ -534,28 +524,37 @@ def _merge(
         vals = sub.reshape(-1)[hits]
     else:
         hits = xp.flatnonzero(S <= thr)
-        # Group the hits by query: a stable sort of small integers (NumPy sorts them by radix;
-        # twice as fast as enumerating a transposed copy of the mask).
+        # Group the hits by query: a stable sort of small integers (NumPy sorts them by radix).
+        # Measured 1.6-2x faster than enumerating a transposed copy of the mask at 1-3.5 % of
+        # scores hit, about even at 10 %.
         hits = hits[xp.argsort((hits % mb).astype(xp.uint16), kind="stable")]
         qi = hits % mb
         row = hits // mb
         vals = S.reshape(-1)[hits]
-    if hits.shape[0] == 0:
+    return _fold(xp, cand, best_s, best_r, qi, t0 + row, vals, c)
+
+
+def _fold(
+    xp: Any, cand: _Candidates, best_s: Array, best_r: Array, qi: Array, pos: Array, vals: Array, c: int
+) -> tuple[Array, Array]:
+    """Merge hits (query ``qi``, candidate position ``pos``, coarse score ``vals``; grouped by
+    query, queries ascending) into the ``c`` best of the queries that got any, in place."""
+    if qi.shape[0] == 0:
         return best_s, best_r
-    counts = xp.bincount(qi, minlength=mb)
+    counts = xp.bincount(qi, minlength=best_s.shape[0])
     touched = xp.flatnonzero(counts)
-    slot_of = xp.zeros(mb, dtype=xp.int64)
+    slot_of = xp.zeros(best_s.shape[0], dtype=xp.int64)
     slot_of[touched] = xp.arange(touched.shape[0])
     ti = slot_of[qi]
     width = int(xp.max(counts))
     starts = xp.cumsum(counts) - counts
-    slot = xp.arange(hits.shape[0]) - starts[qi]
-    cand_s = xp.full((touched.shape[0], c + width), xp.nan, dtype=S.dtype)
+    slot = xp.arange(qi.shape[0]) - starts[qi]
+    cand_s = xp.full((touched.shape[0], c + width), xp.nan, dtype=best_s.dtype)
     cand_r = xp.full((touched.shape[0], c + width), -1, dtype=xp.int64)
     cand_s[:, :c] = best_s[touched]
     cand_r[:, :c] = best_r[touched]
     cand_s[ti, c + slot] = vals
-    cand_r[ti, c + slot] = cand.row_index(t0, row, xp)
+    cand_r[ti, c + slot] = cand.row_index(0, pos, xp)
     # Empty slots hold NaN and rank last; +inf placeholders in best_s rank before them.
     part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
     best_s[touched] = _rows_take(xp, cand_s, part)
