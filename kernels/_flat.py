@@ -27,6 +27,7 @@ ranked last, by id. Vectors so large that float32 products could overflow are sc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,11 @@ class _Candidates:
         if self.rows is None:
             return cols.astype(xp.int64) + t0
         return self.rows[t0 + cols]
+
+    def subset(self, pos: Array, xp: Any) -> _Candidates:
+        """The candidates at positions ``pos`` (int64)."""
+        inv = None if self.inv32 is None else self.inv32[pos]
+        return _Candidates(self.X, self.row_index(0, pos, xp), self.norms[pos], self.norms32[pos], inv)
 
     def all_rows(self, xp: Any) -> Array:
         return xp.arange(self.X.shape[0], dtype=xp.int64) if self.rows is None else self.rows
@@ -172,14 +178,18 @@ def flat_topk(
     if norm_bounds is None or rows is not None:
         positive = cand.norms[cand.norms > 0]
         norm_bounds = (float(xp.min(positive)), float(xp.max(positive))) if positive.shape[0] else (1.0, 0.0)
-    # Queries per block: all of them up to _MAX_BLOCK (the product's efficiency grows with the block),
-    # with a tile of rows sized so the score tiles fit the working set. A tile should hold
-    # several times the c = k + margin candidates each query keeps, or merging them into the
-    # running selection (per query and tile) would cost more than the product: for large k
-    # the blocks get smaller and the tiles taller.
+    # Queries per block: all of them up to _MAX_BLOCK (the product's efficiency grows with the
+    # block), with tiles of at least 1,024 rows within the working set. When each tile is merged
+    # into the running selection (small c), a tile should hold several times the c = k + margin
+    # candidates each query keeps, or merging would cost more than the product; with sampled
+    # bounds, the selection buffers ((1 + _LAZY) c slots of 12 bytes per query) stay within it.
     per_worker = working_set // max(1, parallel.workers)
-    rows_per_tile = max(1024, _TILE_PER_CANDIDATE * min(n_cand, k + _MARGIN))
-    block = _even_block(m, max(1, min(_MAX_BLOCK, per_worker // (4 * rows_per_tile))))
+    c = min(n_cand, k + _MARGIN)
+    if c >= _SAMPLE_MIN_C:
+        per_query = max(4 * 1024, 12 * (1 + _LAZY) * c)
+    else:
+        per_query = 4 * max(1024, _TILE_PER_CANDIDATE * c)
+    block = _even_block(m, max(1, min(_MAX_BLOCK, per_worker // per_query)))
     for q0 in range(0, m, block):
         r, s = _search_block(
             xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set, parallel
@@ -244,48 +254,19 @@ def _search_block(
             Qc = (-Q64 / xp.sqrt(q_norm_sq)[:, None]).astype(cdtype)
         tol = xp.full(mb, 2 * (d + 6) * u)
     c = min(n, k + _MARGIN)
+    # For large c, a strided sample sets each query's admission bound up front, so a scan
+    # admits about 2c scores per query and merges them once, instead of merging every tile.
+    # The bound is an estimate: a query that admits fewer than c rows is scanned again the
+    # exact way (a running bound, seeded by the first tile).
+    theta = _sample_bound(xp, cand, Qc, metric, cdtype, c, working_set, parallel)
+    best_s, best_r = _coarse_best(xp, cand, Qc, metric, cdtype, c, working_set, parallel, theta)
     workers = _workers(parallel.workers, mb, n, d)
-    # Each worker scans a contiguous share of the rows with its own score tile and its own c
-    # best; a tile is a whole number of the runs `_merge` takes minima over.
-    if mb == 1:
-        tile = -(-n // workers)
-    else:
-        tile = max(16 * _CHUNK, working_set // (4 * mb * workers) // _CHUNK * _CHUNK)
-    bounds = [n * w // workers for w in range(workers + 1)]
-
-    def scan(w: int) -> tuple[Array, Array]:
-        lo, hi = bounds[w], bounds[w + 1]
-        tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo))
-        if mb == 1:
-            return _select_one(xp, cand, tiler.scores(lo, hi)[0], lo, c)
-        best_s = xp.full((mb, c), xp.inf, dtype=cdtype)
-        best_r = xp.full((mb, c), -1, dtype=xp.int64)
-        thr = xp.full(mb, xp.inf, dtype=cdtype)
-        for t0 in range(lo, hi, tile):
-            S = tiler.scores(t0, min(t0 + tile, hi))
-            rows_axis = 0 if tiler.transposed else 1
-            if t0 == lo and S.shape[rows_axis] >= c:
-                # Seed the admission bound with the c-th best of a sample: an upper bound of the
-                # final c-th best, so nothing that belongs in the top c is ever filtered out.
-                width = min(S.shape[rows_axis], max(_SAMPLE, 8 * c))
-                sample = S[:width] if tiler.transposed else S[:, :width]
-                thr = _nan_to_inf(
-                    xp, xp.take(xp.partition(sample, c - 1, axis=rows_axis), c - 1, axis=rows_axis)
-                )
-            merge = _merge if tiler.transposed else _merge_rows
-            best_s, best_r = merge(xp, cand, best_s, best_r, S, t0, thr, c)
-            thr = _nan_to_inf(xp, xp.max(best_s, axis=1))
-        return best_s, best_r
-
-    parts = parallel.map(scan, workers) if workers > 1 else [scan(0)]
-    best_s, best_r = parts[0]
-    if workers > 1:
-        best_s = xp.concatenate([p[0] for p in parts], axis=1)
-        best_r = xp.concatenate([p[1] for p in parts], axis=1)
-        # The c best of the union (placeholders, +inf with row -1, rank before NaN as in _merge).
-        part = xp.argpartition(best_s, c - 1, axis=1)[:, :c]
-        best_s = _rows_take(xp, best_s, part)
-        best_r = _rows_take(xp, best_r, part)
+    if theta is not None:
+        short = xp.flatnonzero(xp.isinf(xp.max(best_s, axis=1)) & ~xp.isinf(theta))
+        if short.shape[0]:
+            s2, r2 = _coarse_best(xp, cand, Qc[short], metric, cdtype, c, working_set, parallel, None)
+            best_s[short] = s2
+            best_r[short] = r2
     # The k-th best coarse score and the worst kept one: the margin between them decides
     # whether the exact scores of the kept candidates settle the top k. Kept scores are never
     # NaN (a NaN is never admitted); +inf marks a placeholder, left only when every row was
@@ -303,15 +284,15 @@ def _search_block(
     chunks = [ok[i0 : i0 + step] for i0 in range(0, int(ok.shape[0]), step)]
 
     def finish(w: int) -> None:
-        for sel in chunks[w :: len(parts)]:
+        for sel in chunks[w::workers]:
             r, s = _finalize(xp, cand, ids, Q64[sel], best_r[sel], metric, count)
             rows_out[sel] = r
             scores_out[sel] = s
 
-    if len(parts) > 1 and len(chunks) > 1:
-        parallel.map(finish, len(parts))
+    if workers > 1 and len(chunks) > 1:
+        parallel.map(finish, workers)
     else:
-        for w in range(len(parts)):
+        for w in range(workers):
             finish(w)
     for i in _to_list(xp, xp.nonzero(~safe)[0]):
         bound = float(kth[i] + tol[i])
@@ -319,6 +300,129 @@ def _search_block(
         rows_out[i] = r
         scores_out[i] = s
     return rows_out, scores_out
+
+
+def _coarse_best(
+    xp: Any,
+    cand: _Candidates,
+    Qc: Array,
+    metric: str,
+    cdtype: Any,
+    c: int,
+    working_set: int,
+    parallel: Parallel,
+    theta: Array | None,
+) -> tuple[Array, Array]:
+    """Each query's ``c`` best coarse scores and their rows, ``(m, c)`` each: ``+inf`` with row
+    -1 where fewer than ``c`` scores were admitted.
+
+    Scores above a query's bound are never admitted: ``theta`` (from :func:`_sample_bound`) when
+    given, else the ``c``-th best of the first tile's prefix; the bound then tightens to the
+    ``c``-th best kept whenever admitted scores are merged in.
+    """
+    mb, d = int(Qc.shape[0]), int(Qc.shape[1])
+    n = cand.n
+    workers = _workers(parallel.workers, mb, n, d)
+    # Each worker scans a contiguous share of the rows with its own score tile and its own c
+    # best; a tile is a whole number of the runs `_tile_hits` takes minima over.
+    if mb == 1:
+        tile = -(-n // workers)
+    else:
+        tile = max(16 * _CHUNK, working_set // (4 * mb * workers) // _CHUNK * _CHUNK)
+    bounds = [n * w // workers for w in range(workers + 1)]
+    # Sampled bounds admit about 2c scores per query: they wait in a buffer (c x _LAZY slots
+    # per query) and are merged once it fills, usually once per scan. A bound seeded by a
+    # prefix is looser at first, so those scans merge after every tile and tighten it.
+    spare = _LAZY * c if theta is not None else 0
+
+    def scan(w: int) -> tuple[Array, Array]:
+        lo, hi = bounds[w], bounds[w + 1]
+        tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo))
+        if mb == 1:
+            return _select_one(xp, cand, tiler.scores(lo, hi)[0], lo, c)
+        sel = _Selection(xp, cand, mb, c, cdtype, spare)
+        thr = xp.full(mb, xp.inf, dtype=cdtype) if theta is None else theta.astype(cdtype)
+        for t0 in range(lo, hi, tile):
+            S = tiler.scores(t0, min(t0 + tile, hi))
+            rows_axis = 0 if tiler.transposed else 1
+            if t0 == lo and theta is None and S.shape[rows_axis] >= c:
+                # Seed the admission bound with the c-th best of a prefix: an upper bound of the
+                # final c-th best, so nothing that belongs in the top c is ever filtered out.
+                width = min(S.shape[rows_axis], max(_SAMPLE, 8 * c))
+                sample = S[:width] if tiler.transposed else S[:, :width]
+                thr = _nan_to_inf(
+                    xp, xp.take(xp.partition(sample, c - 1, axis=rows_axis), c - 1, axis=rows_axis)
+                )
+            qi, row, vals = _tile_hits(xp, S, thr, tiler.transposed)
+            folded = sel.add(qi, t0 + row, vals)
+            if theta is None and qi.shape[0]:
+                sel.fold()
+                folded = True
+            if folded:
+                thr = xp.minimum(thr, _nan_to_inf(xp, sel.worst()))
+        return sel.best()
+
+    if workers == 1:
+        return scan(0)
+    parts = parallel.map(scan, workers)
+    best_s = xp.concatenate([p[0] for p in parts], axis=1)
+    best_r = xp.concatenate([p[1] for p in parts], axis=1)
+    # The c best of the union (placeholders, +inf with row -1, rank before NaN).
+    part = xp.argpartition(best_s, c - 1, axis=1)[:, :c]
+    return _rows_take(xp, best_s, part), _rows_take(xp, best_r, part)
+
+
+_LAZY = 1  # admitted scores per candidate kept that may wait for a merge (sampled bounds)
+_SAMPLE_MIN_C = 64  # candidates kept per query from which the bound is sampled
+_SAMPLE_STRIDE = 16  # at most every 16th row is sampled (the sample costs 1/16 of a scan)
+
+
+def _sample_bound(
+    xp: Any,
+    cand: _Candidates,
+    Qc: Array,
+    metric: str,
+    cdtype: Any,
+    c: int,
+    working_set: int,
+    parallel: Parallel,
+) -> Array | None:
+    """Per-query admission bounds that about ``1.5c``-``2c`` rows meet, from a strided sample.
+
+    With ``s`` of ``n`` rows sampled, about ``lam = c s / n`` sampled rows are among a query's
+    true ``c`` best. The bound is the ``r``-th best sampled score with ``r`` three standard
+    deviations above ``lam``: fewer than ``r`` sampled rows lie in the true ``c`` best (the
+    bound then admits all of them) except with a probability of about 1e-3 for a random row
+    order. A query admitting fewer than ``c`` rows is scanned again by the caller, so an
+    unlucky or adversarial order costs time, never a result. ``None`` when not worth it.
+    """
+    mb, n, d = int(Qc.shape[0]), cand.n, int(Qc.shape[1])
+    if mb == 1 or c < _SAMPLE_MIN_C:
+        return None
+    s = min(n // _SAMPLE_STRIDE, working_set // (4 * mb))
+    lam = c * s / n
+    r = math.ceil(lam + 3 * math.sqrt(lam) + 2)
+    if 4 * r > s:
+        return None
+    step = n // s
+    sub = cand.subset(xp.arange(s, dtype=xp.int64) * step + step // 2, xp)
+    # One contiguous copy of the sampled rows, shared by the workers (each takes some queries).
+    sub = _Candidates(xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32)
+    out = xp.empty(mb, dtype=cdtype)
+    workers = min(parallel.workers, mb) if mb * s * d >= _MIN_WORK else 1
+    cuts = [mb * w // workers for w in range(workers + 1)]
+
+    def bound(w: int) -> None:
+        q0, q1 = cuts[w], cuts[w + 1]
+        S = _Tiler(xp, sub, Qc[q0:q1], metric, cdtype, s, transposed=False).scores(0, s)
+        # NaN scores (zero rows, COSINE) sort last; a bound that is NaN admits everything.
+        out[q0:q1] = _nan_to_inf(xp, xp.partition(S, r - 1, axis=1)[:, r - 1])
+
+    if workers > 1:
+        parallel.map(bound, workers)
+    else:
+        bound(0)
+    return out
 
 
 def _select_one(xp: Any, cand: _Candidates, s: Array, lo: int, c: int) -> tuple[Array, Array]:
@@ -385,13 +489,22 @@ class _Tiler:
     product alone yields the coarse scores.
     """
 
-    def __init__(self, xp: Any, cand: _Candidates, Qc: Array, metric: str, cdtype: Any, tile: int) -> None:
+    def __init__(
+        self,
+        xp: Any,
+        cand: _Candidates,
+        Qc: Array,
+        metric: str,
+        cdtype: Any,
+        tile: int,
+        transposed: bool | None = None,
+    ) -> None:
         self.xp, self.cand, self.metric, self.cdtype = xp, cand, metric, cdtype
         mb = Qc.shape[0]
         width = min(tile, cand.n)
-        self.transposed = mb >= _TRANSPOSE_MIN
+        self.transposed = mb >= _TRANSPOSE_MIN if transposed is None else transposed
         self.scratch = xp.empty(width * mb, dtype=cdtype)
-        self.augment = mb >= _AUGMENT_MIN and metric != "dot"
+        self.augment = self.transposed and mb >= _AUGMENT_MIN and metric != "dot"
         self.Qc = Qc
         if self.augment and metric == "l2":
             self.Qc = xp.concatenate([Qc, xp.ones((mb, 1), dtype=cdtype)], axis=1)
@@ -459,11 +572,14 @@ class _Tiler:
         return S
 
 
-def _merge_rows(
-    xp: Any, cand: _Candidates, best_s: Array, best_r: Array, S: Array, t0: int, thr: Array, c: int
-) -> tuple[Array, Array]:
-    """Fold a tile of coarse scores laid out ``(queries, rows)`` into each query's ``c`` best, in
-    place.
+def _tile_hits(xp: Any, S: Array, thr: Array, transposed: bool) -> tuple[Array, Array, Array]:
+    """The scores of a tile at or below their query's bound ``thr``: ``(query, row in the tile,
+    score)`` arrays, grouped by query (queries ascending)."""
+    return _transposed_hits(xp, S, thr) if transposed else _row_hits(xp, S, thr)
+
+
+def _row_hits(xp: Any, S: Array, thr: Array) -> tuple[Array, Array, Array]:
+    """:func:`_tile_hits` for a tile laid out ``(queries, rows)``.
 
     Once the bounds are tight, most queries have no score in a tile at or below their bound:
     a row minimum (one fast reduction) finds the rows that do, and only those are compared
@@ -474,8 +590,6 @@ def _merge_rows(
     row_min = xp.min(S, axis=1)
     # A row holding a NaN (COSINE, zero vector) has a NaN minimum: compare it in full.
     live = xp.flatnonzero((row_min <= thr) | xp.isnan(row_min))
-    if live.shape[0] == 0:
-        return best_s, best_r
     if 2 * live.shape[0] < mb:
         sub = S[live]
         hits = xp.flatnonzero(sub <= thr[live][:, None])
@@ -484,24 +598,21 @@ def _merge_rows(
         sub = S
         hits = xp.flatnonzero(S <= thr[:, None])
         qi = hits // width_tile
-    return _fold(xp, cand, best_s, best_r, qi, t0 + hits % width_tile, sub.reshape(-1)[hits], c)
+    return qi, hits % width_tile, sub.reshape(-1)[hits]
 
 
 _TRANSPOSE_MIN = 32  # queries per block from which score tiles are laid out (rows, queries)
 _CHUNK = 64  # rows per run whose minimum decides whether the run is compared at all
 
 
-def _merge(
-    xp: Any, cand: _Candidates, best_s: Array, best_r: Array, S: Array, t0: int, thr: Array, c: int
-) -> tuple[Array, Array]:
-    """Fold a transposed tile ``S`` (rows, queries) into each query's ``c`` best, in place.
+def _transposed_hits(xp: Any, S: Array, thr: Array) -> tuple[Array, Array, Array]:
+    """:func:`_tile_hits` for a transposed tile ``S`` (rows, queries).
 
     Once the bounds are tight, most of a tile lies above every query's bound. Minima over runs
     of :data:`_CHUNK` rows (one streaming reduction) find the (run, query) pairs holding a
     score at or below the query's bound, and only those are compared element by element, so
     the tile is read about once. The hits are gathered through flat indices (NumPy's 2-D
-    ``nonzero`` is an order of magnitude slower than ``flatnonzero``), and only the queries
-    that got hits are re-selected.
+    ``nonzero`` is an order of magnitude slower than ``flatnonzero``).
     """
     width_tile, mb = S.shape
     ch = _CHUNK if width_tile % _CHUNK == 0 else width_tile
@@ -512,54 +623,87 @@ def _merge(
     # Pairs are enumerated query-major (through a transposed view of the small mask), so the
     # sparse path's hits come out grouped by query with no sort.
     live = xp.flatnonzero(((run_min <= thr) | xp.isnan(run_min)).T)
-    if live.shape[0] == 0:
-        return best_s, best_r
     if 4 * live.shape[0] < nch * mb:
         lq, lrun = live // nch, live % nch
         sub = runs[lrun, :, lq]  # (live, ch)
         hits = xp.flatnonzero(sub <= thr[lq][:, None])
         pair = hits // ch
-        qi = lq[pair]
-        row = lrun[pair] * ch + hits % ch
-        vals = sub.reshape(-1)[hits]
-    else:
-        hits = xp.flatnonzero(S <= thr)
-        # Group the hits by query: a stable sort of small integers (NumPy sorts them by radix).
-        # Measured 1.6-2x faster than enumerating a transposed copy of the mask at 1-3.5 % of
-        # scores hit, about even at 10 %.
-        hits = hits[xp.argsort((hits % mb).astype(xp.uint16), kind="stable")]
-        qi = hits % mb
-        row = hits // mb
-        vals = S.reshape(-1)[hits]
-    return _fold(xp, cand, best_s, best_r, qi, t0 + row, vals, c)
+        return lq[pair], lrun[pair] * ch + hits % ch, sub.reshape(-1)[hits]
+    hits = xp.flatnonzero(S <= thr)
+    # Group the hits by query: a stable sort of small integers (NumPy sorts them by radix).
+    # Measured 1.6-2x faster than enumerating a transposed copy of the mask at 1-3.5 % of
+    # scores hit, about even at 10 %.
+    qi = (hits % mb).astype(xp.uint16 if mb <= 1 << 16 else xp.int64)
+    order = xp.argsort(qi, kind="stable")
+    hits = hits[order]
+    return qi[order].astype(xp.int64), hits // mb, S.reshape(-1)[hits]
 
 
-def _fold(
-    xp: Any, cand: _Candidates, best_s: Array, best_r: Array, qi: Array, pos: Array, vals: Array, c: int
-) -> tuple[Array, Array]:
-    """Merge hits (query ``qi``, candidate position ``pos``, coarse score ``vals``; grouped by
-    query, queries ascending) into the ``c`` best of the queries that got any, in place."""
-    if qi.shape[0] == 0:
-        return best_s, best_r
-    counts = xp.bincount(qi, minlength=best_s.shape[0])
-    touched = xp.flatnonzero(counts)
-    slot_of = xp.zeros(best_s.shape[0], dtype=xp.int64)
-    slot_of[touched] = xp.arange(touched.shape[0])
-    ti = slot_of[qi]
-    width = int(xp.max(counts))
-    starts = xp.cumsum(counts) - counts
-    slot = xp.arange(qi.shape[0]) - starts[qi]
-    cand_s = xp.full((touched.shape[0], c + width), xp.nan, dtype=best_s.dtype)
-    cand_r = xp.full((touched.shape[0], c + width), -1, dtype=xp.int64)
-    cand_s[:, :c] = best_s[touched]
-    cand_r[:, :c] = best_r[touched]
-    cand_s[ti, c + slot] = vals
-    cand_r[ti, c + slot] = cand.row_index(0, pos, xp)
-    # Empty slots hold NaN and rank last; +inf placeholders in best_s rank before them.
-    part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
-    best_s[touched] = _rows_take(xp, cand_s, part)
-    best_r[touched] = _rows_take(xp, cand_r, part)
-    return best_s, best_r
+class _Selection:
+    """Each query's ``c`` best coarse scores so far (columns ``:c``; ``+inf`` with row -1 for
+    none yet), then the admitted scores waiting to be merged in (``NaN`` marks an empty slot;
+    NaN ranks after ``+inf``)."""
+
+    def __init__(self, xp: Any, cand: _Candidates, mb: int, c: int, cdtype: Any, spare: int) -> None:
+        self.xp, self.cand, self.c = xp, cand, c
+        self.width = c + spare
+        self.s = xp.full((mb, self.width), xp.nan, dtype=cdtype)
+        self.s[:, :c] = xp.inf
+        self.r = xp.full((mb, self.width), -1, dtype=xp.int64)
+        self.fill = xp.full(mb, c, dtype=xp.int64)
+        self.pending = False
+
+    def add(self, qi: Array, pos: Array, vals: Array) -> bool:
+        """Store admitted scores (grouped by query); ``True`` when the buffer was full and the
+        waiting scores were merged first (the ``c`` best changed)."""
+        xp = self.xp
+        if qi.shape[0] == 0:
+            return False
+        counts = xp.bincount(qi, minlength=self.s.shape[0])
+        need = int(xp.max(self.fill + counts))
+        folded = need > self.width and self.pending
+        if folded:
+            self.fold()
+            need = int(xp.max(self.fill + counts))
+        if need > self.width:
+            # More admitted in one tile than the buffer holds (ties, or a prefix's bound).
+            grow = need - self.width
+            self.s = xp.concatenate([self.s, xp.full((self.s.shape[0], grow), xp.nan, self.s.dtype)], axis=1)
+            self.r = xp.concatenate([self.r, xp.full((self.r.shape[0], grow), -1, xp.int64)], axis=1)
+            self.width = need
+        # The i-th hit of query q goes to column fill[q] + i of its row.
+        first = xp.arange(counts.shape[0]) * self.width + self.fill - (xp.cumsum(counts) - counts)
+        flat = first[qi] + xp.arange(qi.shape[0])
+        self.s.reshape(-1)[flat] = vals
+        self.r.reshape(-1)[flat] = self.cand.row_index(0, pos, xp)
+        self.fill += counts
+        self.pending = True
+        return folded
+
+    def fold(self) -> None:
+        """Merge the waiting scores into the ``c`` best."""
+        xp, c = self.xp, self.c
+        touched = xp.flatnonzero(self.fill > c)
+        if touched.shape[0] == 0:
+            return
+        w = int(xp.max(self.fill))
+        sub_s = self.s[touched, :w]
+        sub_r = self.r[touched, :w]
+        part = xp.argpartition(sub_s, c - 1, axis=1)[:, :c]
+        self.s[touched, :c] = _rows_take(xp, sub_s, part)
+        self.r[touched, :c] = _rows_take(xp, sub_r, part)
+        self.s[touched, c:w] = xp.nan
+        self.fill[touched] = c
+        self.pending = False
+
+    def worst(self) -> Array:
+        """Each query's ``c``-th best (``+inf`` while it has fewer): a valid admission bound."""
+        return self.xp.max(self.s[:, : self.c], axis=1)
+
+    def best(self) -> tuple[Array, Array]:
+        if self.pending:
+            self.fold()
+        return self.s[:, : self.c], self.r[:, : self.c]
 
 
 def _rows_take(xp: Any, a: Array, idx: Array) -> Array:
@@ -595,7 +739,10 @@ def _finalize(
     """
     valid = rows_in >= 0
     safe_rows = xp.where(valid, rows_in, 0)
-    scores = xp.where(valid, exact_scores(xp, metric, cand.X[safe_rows], Q64[:, None, :]), xp.nan)
+    # `take` gathers rows about 1.8x faster than fancy indexing (measured, 1,008 random rows).
+    scores = xp.where(
+        valid, exact_scores(xp, metric, xp.take(cand.X, safe_rows, axis=0), Q64[:, None, :]), xp.nan
+    )
     order = _order(xp, scores, ids[safe_rows])[:, :count]
     rows = _rows_take(xp, safe_rows, order)
     scores = _rows_take(xp, scores, order)

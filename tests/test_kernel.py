@@ -209,3 +209,119 @@ def test_large_k_shrinks_the_query_block_and_matches_the_reference(metric: str, 
     X, ids = tricky_data(6000, 10, seed=k)
     Q = queries(X, 40, seed=k)
     same(run(X, ids, Q, k, metric, working_set=1 << 17), reference(X, ids, Q, k, metric, None))
+
+
+@pytest.fixture
+def sample_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, per block, whether its admission bounds were sampled (True) or not."""
+    calls: list[bool] = []
+    original = _flat._sample_bound
+
+    def spy(*args, **kwargs):
+        theta = original(*args, **kwargs)
+        calls.append(theta is not None)
+        return theta
+
+    monkeypatch.setattr(_flat, "_sample_bound", spy)
+    return calls
+
+
+@pytest.mark.usefixtures("split_small_scans")
+@pytest.mark.parametrize("runner", ["serial", "inline-2", "threads-3"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("m", [40, 300], ids=["transposed", "augmented"])
+@pytest.mark.parametrize("k", [60, 250])
+def test_sampled_admission_bounds_match_the_reference(
+    runner: str, metric: str, m: int, k: int, sample_calls: list[bool]
+) -> None:
+    """Large k: each query's bound comes from a strided sample and admitted scores are merged
+    lazily. Ties, zero rows (NaN under COSINE), a zero query and near-duplicates included."""
+    X, ids = tricky_data(8000, 12, seed=m + k)
+    Q = queries(X, m, seed=k)
+    parallel = {"serial": lambda: _flat.SERIAL, **RUNNERS}[runner]()
+    got = run_split(X, ids, Q, k, metric, parallel)
+    assert sample_calls and all(sample_calls)
+    same(got, reference(X, ids, Q, k, metric, None))
+    rows = np.union1d(np.flatnonzero(np.random.default_rng(1).random(8000) < 0.5), [3, 5, 6, 30])
+    rows = rows.astype(np.int64)
+    same(run_split(X, ids, Q, k, metric, parallel, rows), reference(X, ids, Q, k, metric, rows))
+
+
+@pytest.mark.usefixtures("split_small_scans")
+@pytest.mark.parametrize("runner", ["serial", "inline-2"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_a_sample_that_misses_the_top_k_falls_back_to_the_exact_scan(
+    runner: str, metric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adversarial order: exactly the sampled rows are the near ones, so each sampled bound
+    admits fewer than k rows. Those queries are scanned again with an exact running bound."""
+    n, d, k = 8000, 8, 100
+    rng = np.random.default_rng(3)
+    Q = rng.standard_normal((50, d)).astype(np.float32)
+    X = (rng.standard_normal((n, d)) * 10 + 40).astype(np.float32)  # far from every query
+    s = n // _flat._SAMPLE_STRIDE
+    step = n // s
+    near = np.arange(s) * step + step // 2
+    X[near] = (Q[rng.integers(0, 50, s)] + rng.standard_normal((s, d)) * 0.1).astype(np.float32)
+    ids = rng.permutation(np.arange(n, dtype=np.uint64))
+    thetas: list[bool] = []
+    original = _flat._coarse_best
+
+    def spy(*args, **kwargs):
+        thetas.append(args[-1] is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_flat, "_coarse_best", spy)
+    parallel = InlineWorkers(2) if runner == "inline-2" else _flat.SERIAL
+    got = run_split(X, ids, Q, k, metric, parallel)
+    assert thetas[0] and False in thetas[1:], "the fallback scan did not run"
+    same(got, reference(X, ids, Q, k, metric, None))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_overflowing_the_selection_buffer_match_the_reference(
+    metric: str, sample_calls: list[bool]
+) -> None:
+    """3,000 identical rows nearest to every query: one tile admits more ties than the lazy
+    buffer holds, so it grows; the kept candidates are all ties, so a re-scan orders them."""
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((9000, 6)).astype(np.float32)
+    X[2000:5000] = X[1]
+    ids = rng.permutation(np.arange(9000, dtype=np.uint64))
+    Q = (X[1] + rng.standard_normal((40, 6)) * 1e-3).astype(np.float32)
+    got = run(X, ids, Q, 120, metric)
+    assert sample_calls and all(sample_calls)
+    same(got, reference(X, ids, Q, 120, metric, None))
+
+
+@pytest.mark.parametrize("spare", [0, 7, 50])
+def test_the_selection_keeps_the_c_best_of_everything_added(spare: int) -> None:
+    """_Selection against a sort: batches of admitted scores (grouped by query, some queries
+    absent, some batches larger than the buffer), merged eagerly or lazily."""
+    rng = np.random.default_rng(spare)
+    mb, c, n = 6, 9, 400
+    cand = _flat._Candidates(np.zeros((n, 1), np.float32), None, np.zeros(n), np.zeros(n, np.float32), None)
+    sel = _flat._Selection(np, cand, mb, c, np.float32, spare)
+    everything: list[list[tuple[float, int]]] = [[] for _ in range(mb)]
+    most = 0
+    for batch in range(12):
+        size = int(rng.integers(0, 40 if batch != 5 else 200))
+        qi = np.sort(rng.integers(0, mb, size))
+        pos = rng.integers(0, n, size)
+        vals = rng.standard_normal(size).astype(np.float32)
+        most = max(most, int(np.bincount(qi, minlength=mb).max()))
+        sel.add(qi, pos, vals)
+        if spare == 0:
+            sel.fold()
+        for q, p, v in zip(qi.tolist(), pos.tolist(), vals.tolist()):
+            everything[q].append((v, p))
+    best_s, best_r = sel.best()
+    # Merged slots are reused: the buffer only grows to hold one query's largest batch.
+    assert sel.width <= c + max(spare, most)
+    for q in range(mb):
+        want = sorted(everything[q])[:c]
+        got = sorted(zip(best_s[q].tolist(), best_r[q].tolist()))
+        want_s = [v for v, _ in want] + [np.inf] * (c - len(want))
+        assert [v for v, _ in got] == want_s
+        assert {r for v, r in got if v != np.inf} <= {p for _, p in everything[q]}
+        assert all(r == -1 for v, r in got if v == np.inf)
