@@ -325,3 +325,19 @@ def test_the_selection_keeps_the_c_best_of_everything_added(spare: int) -> None:
         assert [v for v, _ in got] == want_s
         assert {r for v, r in got if v != np.inf} <= {p for _, p in everything[q]}
         assert all(r == -1 for v, r in got if v == np.inf)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("einsum", [True, False], ids=["einsum", "sgemv"])
+def test_both_single_query_products_match_the_reference(
+    metric: str, einsum: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One query streams X with einsum above _EINSUM_MIN_BYTES and with sgemv below it."""
+    monkeypatch.setattr(_flat, "_EINSUM_MIN_BYTES", 0 if einsum else 1 << 62)
+    calls: list[str] = []
+    original = np.einsum
+    monkeypatch.setattr(np, "einsum", lambda spec, *a, **kw: calls.append(spec) or original(spec, *a, **kw))
+    X, ids = tricky_data(3000, 24, seed=6)
+    for q in queries(X, 4, seed=2):
+        same(run(X, ids, q[None], 17, metric), reference(X, ids, q[None], 17, metric, None))
+    assert ("ij,j->i" in calls) == einsum
