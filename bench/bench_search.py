@@ -108,9 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip cells with m*k above this for systems returning a Python object per hit (iqdb)",
     )
     p.add_argument(
-        "--scaling-max", type=lambda s: int(float(s)), default=1_000_000, help="largest n (1e7: ~15 GB)"
+        "--scaling-max", type=lambda s: int(float(s)), default=1_000_000, help="largest n (1e7: ~16 GB)"
     )
     p.add_argument("--scaling-systems", default="iqdb,numpy,faiss,faiss_1t")
+    p.add_argument(
+        "--scaling-big-systems",
+        default="iqdb,faiss_1t",
+        help="the systems kept for n above 1e6 (each holds its own copy of the vectors)",
+    )
     p.add_argument("--scaling-m", type=int, default=1000, help="batch size in the scaling sweep")
     p.add_argument("--scaling-single", type=int, default=20, help="single queries per system and n")
     p.add_argument("--tag", default="cpu", help="result files: bench/results/<case>_<tag>.md")
@@ -586,7 +591,10 @@ def run_scaling(
     names: list[str] = []
     skipped: dict[str, str] = {}
     for n in ns:
-        names = _scaling_point(args, n, Q, single, batch, skipped)
+        systems = args.scaling_systems if n <= 1_000_000 else args.scaling_big_systems
+        for nm in _scaling_point(args, n, systems, Q, single, batch, skipped):
+            if nm not in names:
+                names.append(nm)
         if machine_rows is None:
             machine_rows = machine(make_peers(names, lambda _: None)[0])
 
@@ -602,28 +610,26 @@ def run_scaling(
     for n in ns:
         t1.add(
             f"{n:,}",
-            *[fmt_ms(single[(nm, n)].median) for nm in allnames],
+            *[fmt_ms(single[(nm, n)].median) if (nm, n) in single else "-" for nm in allnames],
             fmt_ratio(single[("iqdb", n)].median / single[("floor", n)].median) if "iqdb" in names else "-",
         )
         t2.add(
             f"{n:,}",
-            *[f"{batch[(nm, n)].median:.4f}" for nm in allnames],
+            *[f"{batch[(nm, n)].median:.4f}" if (nm, n) in batch else "-" for nm in allnames],
             fmt_ratio(batch[("iqdb", n)].median / batch[("floor", n)].median) if "iqdb" in names else "-",
         )
     for t, data in ((t1, single), (t2, batch)):
         slopes = []
-        big = [n for n in ns if n >= 100_000]
-        if len(big) < 2:
-            big = ns
         for nm in allnames:
+            have = [n for n in ns if (nm, n) in data]
+            big = [n for n in have if n >= 100_000]
+            big = big if len(big) >= 2 else have
             if len(big) >= 2:
                 sl = np.polyfit(
                     np.log([float(n) for n in big]), np.log([data[(nm, n)].median for n in big]), 1
                 )[0]
-                slopes.append(f"{nm} {sl:.2f}")
-        t.notes.append(
-            f"log-log slope of time against n for n >= {big[0]:,} (1 = linear): " + ", ".join(slopes)
-        )
+                slopes.append(f"{nm} {sl:.2f} ({big[0]:,}-{big[-1]:,})")
+        t.notes.append("log-log slope of time against n for n >= 100,000 (1 = linear): " + ", ".join(slopes))
     t1.notes.append(
         f"{args.scaling_single} queries per system and n, 2 interleaved rounds; floor = read X once."
     )
@@ -635,8 +641,8 @@ def run_scaling(
     intro = [
         f"Time against the number of stored vectors n (d = {d}), single query and a batch of {m:,}. "
         f"n up to {ns[-1]:,}"
-        + ("" if ns[-1] >= 10_000_000 else " (10^7 is optional: --scaling-max 1e7, ~15 GB with faiss)")
-        + ".",
+        + ("" if ns[-1] >= 10_000_000 else " (10^7 is optional: --scaling-max 1e7, ~16 GB with faiss)")
+        + f"; above 1,000,000 only {args.scaling_big_systems} run (each system holds its own copy).",
         "",
         f"Load average at the start: {load_start}; at the end: {loadavg()}.",
     ]
@@ -656,6 +662,7 @@ def run_scaling(
 def _scaling_point(
     args: argparse.Namespace,
     n: int,
+    systems: str,
     Q: np.ndarray,
     single: dict[tuple[str, int], Stats],
     batch: dict[tuple[str, int], Stats],
@@ -664,7 +671,7 @@ def _scaling_point(
     """Build the scaling systems over ``n`` vectors, time them into ``single``/``batch``, free them."""
     d, m, k, nq = args.dim, args.scaling_m, args.k, args.scaling_single
     log(f"scaling: n = {n:,} x {d}")
-    peers, sk = make_peers(args.scaling_systems.split(","), log)
+    peers, sk = make_peers(systems.split(","), log)
     X = make_vectors(n, d, args.seed, args.metric == "ip")
     peers, _, failed = build_peers(peers, X, args.metric, log)
     skipped.update(sk)
@@ -727,7 +734,8 @@ def _scaling_chart(
     for ax, data, title in ((axes[0], single, "single query"), (axes[1], batch, f"batch of {m:,}")):
         for nm in names:
             style = "k--" if nm == "floor" else "-o"
-            ax.plot(ns, [data[(nm, n)].median for n in ns], style, label=nm)
+            have = [n for n in ns if (nm, n) in data]
+            ax.plot(have, [data[(nm, n)].median for n in have], style, label=nm)
         ref = data[(names[0], ns[-1])].median
         ax.plot(ns, [ref * n / ns[-1] for n in ns], ":", color="grey", label="linear")
         ax.set_xscale("log")
