@@ -748,10 +748,15 @@ def _finalize(
     """
     valid = rows_in >= 0
     safe_rows = xp.where(valid, rows_in, 0)
-    # `take` gathers rows about 1.8x faster than fancy indexing (measured, 1,008 random rows).
-    scores = xp.where(
-        valid, exact_scores(xp, metric, xp.take(cand.X, safe_rows, axis=0), Q64[:, None, :]), xp.nan
-    )
+    # Gathered in pieces of at most _FINALIZE_BYTES as float64 (so memory stays bounded for any
+    # k); `take` gathers rows about 1.8x faster than fancy indexing (measured, 1,008 rows).
+    d = int(cand.X.shape[1])
+    width = max(1, _FINALIZE_BYTES // (8 * d * int(Q64.shape[0])))
+    exact = xp.empty(safe_rows.shape, dtype=xp.float64)
+    for j0 in range(0, int(safe_rows.shape[1]), width):
+        A = xp.take(cand.X, safe_rows[:, j0 : j0 + width], axis=0)
+        exact[:, j0 : j0 + width] = exact_scores(xp, metric, A, Q64[:, None, :])
+    scores = xp.where(valid, exact, xp.nan)
     order = _order(xp, scores, ids[safe_rows])[:, :count]
     rows = _rows_take(xp, safe_rows, order)
     scores = _rows_take(xp, scores, order)
