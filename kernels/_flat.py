@@ -13,8 +13,13 @@ How a search runs (per block of queries, per tile of stored rows):
    ``-x.q`` for DOT, ``-x.q/(|x||q|)`` for COSINE): monotone in the true distance, so the
    constant ``||q||^2`` and the square root are left out.
 2. *Running selection*: each query keeps its best ``c = k + margin`` coarse candidates. A tile
-   only contributes entries at or below the query's current ``c``-th score, so after the first
-   tile almost every score is discarded by one comparison.
+   only contributes entries at or below the query's admission bound, so almost every score is
+   discarded by one comparison. For small ``c`` the bound is the ``c``-th best so far (seeded by
+   a prefix of the first tile) and admitted scores are merged after every tile. For large ``c``
+   (``k`` about 56 and up) merging every tile would cost more than the product, so the bound is
+   estimated up front from a strided sample of the rows (it admits about ``1.5c``-``3c`` rows)
+   and admitted scores wait in a buffer that is merged when full, usually once. A query whose
+   estimated bound admitted fewer than ``c`` rows is scanned again with the exact running bound.
 3. *Exact re-scoring* of the ``c`` candidates in float64 (the scores users see), then ordering by
    ``(score, id)`` with NaN last. Float32 rounding can misorder near-ties, so the margin is
    checked against a rigorous rounding bound ``tol``: when the worst kept candidate is not
