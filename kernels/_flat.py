@@ -218,7 +218,7 @@ def _even_block(m: int, most: int) -> int:
     return -(-m // -(-m // most))
 
 
-_SAMPLE = 512  # columns of the first tile used to seed each query's admission threshold
+_SAMPLE = 512  # scores of a single query's prefix used to seed its admission bound
 
 
 def _search_block(
@@ -351,19 +351,14 @@ def _coarse_best(
             S = tiler.scores(t0, min(t0 + tile, hi))
             rows_axis = 0 if tiler.transposed else 1
             if t0 == lo and theta is None and S.shape[rows_axis] >= c:
-                # Seed the admission bound with the c-th best of a prefix: an upper bound of the
-                # final c-th best, so nothing that belongs in the top c is ever filtered out.
-                width = min(S.shape[rows_axis], max(_SAMPLE, 8 * c))
-                sample = S[:width] if tiler.transposed else S[:, :width]
-                thr = _nan_to_inf(
-                    xp, xp.take(xp.partition(sample, c - 1, axis=rows_axis), c - 1, axis=rows_axis)
-                )
+                thr = _seed_bound(xp, S, c, rows_axis)
             qi, row, vals = _tile_hits(xp, S, thr, tiler.transposed)
-            folded = sel.add(qi, t0 + row, vals)
-            if theta is None and qi.shape[0]:
-                sel.fold()
-                folded = True
-            if folded:
+            if theta is None:
+                sel.merge(qi, t0 + row, vals)
+                merged = qi.shape[0] > 0
+            else:
+                merged = sel.add(qi, t0 + row, vals)
+            if merged:
                 thr = xp.minimum(thr, _nan_to_inf(xp, sel.worst()))
         return sel.best()
 
@@ -380,6 +375,26 @@ def _coarse_best(
 _LAZY = 1  # admitted scores per candidate kept that may wait for a merge (sampled bounds)
 _SAMPLE_MIN_C = 64  # candidates kept per query from which the bound is sampled
 _SAMPLE_STRIDE = 16  # at most every 16th row is sampled (the sample costs 1/16 of a scan)
+
+
+def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int) -> Array:
+    """Each query's first admission bound from its first tile ``S``: an upper bound of its final
+    ``c``-th best, so nothing that belongs in the top ``c`` is ever filtered out.
+
+    The tile's rows are cut into runs; the ``c``-th smallest run minimum ``v`` is such a bound
+    (``c`` different runs each hold a score at or below ``v``), nearly as tight as the ``c``-th
+    best of the whole tile when a run holds a few of the ``c`` best at most, and far cheaper to
+    find: a partition of ``rows / g`` minima instead of ``rows`` scores.
+    """
+    rows = int(S.shape[rows_axis])
+    g = max(1, min(_CHUNK, rows // (8 * c)))
+    nr = rows // g
+    if rows_axis == 0:
+        R = S[: nr * g].reshape(nr, g, S.shape[1]).min(axis=1) if g > 1 else S
+    else:
+        R = S[:, : nr * g].reshape(S.shape[0], nr, g).min(axis=2) if g > 1 else S
+    # A run holding a NaN has a NaN minimum: it sorts last and is not counted.
+    return _nan_to_inf(xp, xp.take(xp.partition(R, c - 1, axis=rows_axis), c - 1, axis=rows_axis))
 
 
 def _sample_bound(
@@ -693,6 +708,31 @@ class _Selection:
         self.fill += counts
         self.pending = True
         return folded
+
+    def merge(self, qi: Array, pos: Array, vals: Array) -> None:
+        """Merge admitted scores (grouped by query) straight into the ``c`` best, by-passing the
+        buffer: the eager schedule (a fresh ``(queries hit, c + most hits)`` array per tile
+        measured about 3 % faster overall than going through the buffer at 1,000,000 x 128)."""
+        xp, c = self.xp, self.c
+        if qi.shape[0] == 0:
+            return
+        counts = xp.bincount(qi, minlength=self.s.shape[0])
+        touched = xp.flatnonzero(counts)
+        width = c + int(xp.max(counts))
+        slot_of = xp.zeros(self.s.shape[0], dtype=xp.int64)
+        slot_of[touched] = xp.arange(touched.shape[0]) * width + c - (xp.cumsum(counts) - counts)[touched]
+        flat = slot_of[qi] + xp.arange(qi.shape[0])
+        cand_s = xp.full((touched.shape[0], width), xp.nan, dtype=self.s.dtype)
+        cand_r = xp.empty((touched.shape[0], width), dtype=xp.int64)
+        cand_s[:, :c] = self.s[touched, :c]
+        cand_r[:, :c] = self.r[touched, :c]
+        cand_s.reshape(-1)[flat] = vals
+        cand_r.reshape(-1)[flat] = self.cand.row_index(0, pos, xp)
+        # Empty slots hold NaN and rank last (their rows are never picked: each query has c
+        # non-NaN entries in its first c columns).
+        part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
+        self.s[touched, :c] = _rows_take(xp, cand_s, part)
+        self.r[touched, :c] = _rows_take(xp, cand_r, part)
 
     def fold(self) -> None:
         """Merge the waiting scores into the ``c`` best."""

@@ -294,11 +294,13 @@ def test_ties_overflowing_the_selection_buffer_match_the_reference(
     same(got, reference(X, ids, Q, 120, metric, None))
 
 
-@pytest.mark.parametrize("spare", [0, 7, 50])
-def test_the_selection_keeps_the_c_best_of_everything_added(spare: int) -> None:
+@pytest.mark.parametrize("mode", ["merge", "buffer-0", "buffer-7", "buffer-50"])
+def test_the_selection_keeps_the_c_best_of_everything_added(mode: str) -> None:
     """_Selection against a sort: batches of admitted scores (grouped by query, some queries
-    absent, some batches larger than the buffer), merged eagerly or lazily."""
-    rng = np.random.default_rng(spare)
+    absent, some batches larger than the buffer), merged at once (`merge`, the eager schedule)
+    or through the buffer (`add`, folded when full; with no spare, folded after every batch)."""
+    spare = 0 if mode == "merge" else int(mode.split("-")[1])
+    rng = np.random.default_rng(spare + len(mode))
     mb, c, n = 6, 9, 400
     cand = _flat._Candidates(np.zeros((n, 1), np.float32), None, np.zeros(n), np.zeros(n, np.float32), None)
     sel = _flat._Selection(np, cand, mb, c, np.float32, spare)
@@ -310,9 +312,12 @@ def test_the_selection_keeps_the_c_best_of_everything_added(spare: int) -> None:
         pos = rng.integers(0, n, size)
         vals = rng.standard_normal(size).astype(np.float32)
         most = max(most, int(np.bincount(qi, minlength=mb).max()))
-        sel.add(qi, pos, vals)
-        if spare == 0:
-            sel.fold()
+        if mode == "merge":
+            sel.merge(qi, pos, vals)
+        else:
+            sel.add(qi, pos, vals)
+            if spare == 0:
+                sel.fold()
         for q, p, v in zip(qi.tolist(), pos.tolist(), vals.tolist()):
             everything[q].append((v, p))
     best_s, best_r = sel.best()
