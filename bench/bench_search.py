@@ -12,7 +12,7 @@ result file gets its own tag), on a shared machine:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/bench_search.py \
         --n 200000 --dim 768 --wide none --queries 1000 --single 40 --cases single,batch --tag cpu_768
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/bench_search.py \
-        --cases sweep,scaling --dim 128 --sweep-n 100000 --scaling-max 1000000 --tag cpu
+        --cases sweep,scaling --dim 128 --sweep-n 100000 --scaling-max 1e7 --tag cpu
 
 A quick smoke run (about a minute):
 
