@@ -586,6 +586,7 @@ class Iqdb:
                 norm_bounds=store.norm_bounds,
                 working_set=self._working_set,
                 parallel=be.parallel,
+                matvec=be.matvec,
             )
             found = (be.to_host(out.rows), be.to_host(out.scores))
             return finish(store, Q.shape[0], found)

@@ -33,6 +33,7 @@ ranked last, by id. Vectors so large that float32 products could overflow are sc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from ._parallel import SERIAL, Parallel
 __all__ = ["SearchOutput", "exact_scores", "flat_topk"]
 
 Array = Any  # an xp.ndarray
+MatVec = Callable[[Array, Array, Array], None]  # matvec(A, v, out): out[:] = A @ v
 
 _U = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 # Coarse scores are float32 when every nonzero squared norm lies in this range: no overflow,
@@ -126,6 +128,7 @@ def flat_topk(
     norm_bounds: tuple[float, float] | None = None,
     working_set: int = 16 << 20,
     parallel: Parallel = SERIAL,
+    matvec: MatVec | None = None,
 ) -> SearchOutput:
     """Exact top-``k`` of every query in ``Q`` over the rows of ``X``.
 
@@ -157,6 +160,9 @@ def flat_topk(
         bounded for any ``m`` and ``n``.
     parallel
         Runs the workers that split the stored rows among them (one after another by default).
+    matvec
+        ``matvec(A, v, out)`` writes ``A @ v`` (float32 or float64) into ``out``: how a single
+        query streams its rows (``xp.matmul`` by default; a backend may pass a faster one).
 
     Returns
     -------
@@ -197,7 +203,7 @@ def flat_topk(
     block = _even_block(m, max(1, min(_MAX_BLOCK, per_worker // per_query)))
     for q0 in range(0, m, block):
         r, s = _search_block(
-            xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set, parallel
+            xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set, parallel, matvec
         )
         out_rows[q0 : q0 + block] = r
         out_scores[q0 : q0 + block] = s
@@ -232,6 +238,7 @@ def _search_block(
     norm_bounds: tuple[float, float],
     working_set: int,
     parallel: Parallel,
+    matvec: MatVec | None,
 ) -> tuple[Array, Array]:
     mb, d = int(Qb.shape[0]), int(Qb.shape[1])
     n = cand.n
@@ -264,12 +271,12 @@ def _search_block(
     # The bound is an estimate: a query that admits fewer than c rows is scanned again the
     # exact way (a running bound, seeded by the first tile).
     theta = _sample_bound(xp, cand, Qc, metric, cdtype, c, working_set, parallel)
-    best_s, best_r = _coarse_best(xp, cand, Qc, metric, cdtype, c, working_set, parallel, theta)
+    best_s, best_r = _coarse_best(xp, cand, Qc, metric, cdtype, c, working_set, parallel, theta, matvec)
     workers = _workers(parallel.workers, mb, n, d)
     if theta is not None:
         short = xp.flatnonzero(xp.isinf(xp.max(best_s, axis=1)) & ~xp.isinf(theta))
         if short.shape[0]:
-            s2, r2 = _coarse_best(xp, cand, Qc[short], metric, cdtype, c, working_set, parallel, None)
+            s2, r2 = _coarse_best(xp, cand, Qc[short], metric, cdtype, c, working_set, parallel, None, matvec)
             best_s[short] = s2
             best_r[short] = r2
     # The k-th best coarse score and the worst kept one: the margin between them decides
@@ -301,7 +308,7 @@ def _search_block(
             finish(w)
     for i in _to_list(xp, xp.nonzero(~safe)[0]):
         bound = float(kth[i] + tol[i])
-        r, s = _rescan(xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype)
+        r, s = _rescan(xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec)
         rows_out[i] = r
         scores_out[i] = s
     return rows_out, scores_out
@@ -317,6 +324,7 @@ def _coarse_best(
     working_set: int,
     parallel: Parallel,
     theta: Array | None,
+    matvec: MatVec | None = None,
 ) -> tuple[Array, Array]:
     """Each query's ``c`` best coarse scores and their rows, ``(m, c)`` each: ``+inf`` with row
     -1 where fewer than ``c`` scores were admitted.
@@ -342,7 +350,7 @@ def _coarse_best(
 
     def scan(w: int) -> tuple[Array, Array]:
         lo, hi = bounds[w], bounds[w + 1]
-        tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo))
+        tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo), matvec=matvec)
         if mb == 1:
             return _select_one(xp, cand, tiler.scores(lo, hi)[0], lo, c)
         sel = _Selection(xp, cand, mb, c, cdtype, spare)
@@ -500,7 +508,6 @@ def _to_list(xp: Any, a: Array) -> list[int]:
     return [int(v) for v in (a.tolist() if xp is np else a.get().tolist())]
 
 
-_EINSUM_MIN_BYTES = 16 << 20  # one query: rows scanned by einsum rather than sgemv from here
 _AUGMENT_MIN = 256  # queries per block from which a per-tile copy of X beats a pass over S
 
 
@@ -528,8 +535,10 @@ class _Tiler:
         cdtype: Any,
         tile: int,
         transposed: bool | None = None,
+        matvec: MatVec | None = None,
     ) -> None:
         self.xp, self.cand, self.metric, self.cdtype = xp, cand, metric, cdtype
+        self.matvec = matvec
         mb = Qc.shape[0]
         width = min(tile, cand.n)
         self.transposed = mb >= _TRANSPOSE_MIN if transposed is None else transposed
@@ -590,16 +599,12 @@ class _Tiler:
         if self.cdtype != xp.float32:
             Xt = Xt.astype(self.cdtype)
         if S.shape[0] == 1:
-            # One query: a matrix-vector product streams X once at memory bandwidth. In NumPy,
-            # einsum's own float32 loop streams rows from memory faster than OpenBLAS's sgemv
-            # (measured on one core: 22 against 16 GB/s at 200,000 x 768; two cores: 37 against
-            # 29 GB/s, at or above the read floor), while sgemv is about 2x faster on rows that
-            # sit in the caches (crossing over at about 16 MiB). Either sums each row's d
-            # products in float32, which `tol` bounds whatever the order.
-            if xp is np and Xt.nbytes >= _EINSUM_MIN_BYTES:
-                np.einsum("ij,j->i", Xt, self.Qc[0], out=S[0])
-            else:
+            # One query: a matrix-vector product streams X once at memory bandwidth (the
+            # backend's own, which may pick the fastest way to stream rows on its device).
+            if self.matvec is None:
                 xp.matmul(Xt, self.Qc[0], out=S[0])
+            else:
+                self.matvec(Xt, self.Qc[0], S[0])
         else:
             xp.matmul(self.Qc, Xt.T, out=S)
         if self.metric == "l2":
@@ -845,12 +850,13 @@ def _rescan(
     count: int,
     bound: float,
     cdtype: Any,
+    matvec: MatVec | None,
 ) -> tuple[Array, Array]:
     """Near-ties crowd the margin: collect every row within ``bound``, score exactly, cut."""
     found = []
     n = cand.n
     tile = min(n, 1 << 20)
-    tiler = _Tiler(xp, cand, Qc1, metric, cdtype, tile)
+    tiler = _Tiler(xp, cand, Qc1, metric, cdtype, tile, matvec=matvec)
     for t0 in range(0, n, tile):
         S = tiler.scores(t0, min(t0 + tile, n))
         found.append(cand.row_index(t0, xp.flatnonzero(S.reshape(-1) <= bound), xp))
