@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._payload import Payload, PayloadValue
 from ._values import DistanceMetric, Record, RecordId, SearchResult, Vector
+from .kernels import DEFAULT_WORKING_SET
 
 __version__ = "0.5.0"
 
@@ -65,13 +66,13 @@ def open(
     *,
     device: str = "auto",
     readonly: bool = False,
-    working_set: int = 16 << 20,
+    working_set: int = DEFAULT_WORKING_SET,
     **options: Any,
 ) -> Iqdb:
     """Open or create a durable database in directory ``path``; see :meth:`Iqdb.open`."""
     return Iqdb.open(path, device=device, readonly=readonly, working_set=working_set, **options)
 
 
-def open_in_memory(*, device: str = "auto", working_set: int = 16 << 20) -> Iqdb:
+def open_in_memory(*, device: str = "auto", working_set: int = DEFAULT_WORKING_SET) -> Iqdb:
     """A new in-memory database; see :meth:`Iqdb.open_in_memory`."""
     return Iqdb.open_in_memory(device=device, working_set=working_set)

@@ -40,7 +40,7 @@ from ._values import (
     as_vector_array,
     coerce_metric,
 )
-from .kernels import flat_topk
+from .kernels import DEFAULT_WORKING_SET, flat_topk
 
 __all__ = ["Iqdb", "coerce_ids"]
 
@@ -50,7 +50,6 @@ Predicate = Callable[[Record], object]
 _BOOL_TYPES = frozenset({bool, np.bool_})
 T = TypeVar("T")
 
-DEFAULT_WORKING_SET = 16 << 20
 _MIN_WORKING_SET = 64 << 10
 
 

@@ -12,6 +12,6 @@ device. Nothing here imports :mod:`iqdb` (imports flow handle -> storage -> kern
 from __future__ import annotations
 
 from ._backend import ArrayBackend, cpu_backend
-from ._flat import SearchOutput, exact_scores, flat_topk
+from ._flat import DEFAULT_WORKING_SET, SearchOutput, exact_scores, flat_topk
 
-__all__ = ["ArrayBackend", "SearchOutput", "cpu_backend", "exact_scores", "flat_topk"]
+__all__ = ["DEFAULT_WORKING_SET", "ArrayBackend", "SearchOutput", "cpu_backend", "exact_scores", "flat_topk"]

@@ -41,7 +41,7 @@ import numpy as np
 
 from ._parallel import SERIAL, Parallel
 
-__all__ = ["SearchOutput", "exact_scores", "flat_topk"]
+__all__ = ["DEFAULT_WORKING_SET", "SearchOutput", "exact_scores", "flat_topk"]
 
 Array = Any  # an xp.ndarray
 MatVec = Callable[[Array, Array, Array], None]  # matvec(A, v, out): out[:] = A @ v
@@ -52,6 +52,7 @@ _U = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 # 1/|x| fits float32. Otherwise they are computed in float64.
 _SAFE_NORM_SQ = (1e-30, 1e36)
 _MARGIN = 8  # extra candidates kept per query beyond k
+DEFAULT_WORKING_SET = 16 << 20  # bytes of score tiles a search holds at once
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def flat_topk(
     norms32: Array | None = None,
     inv_norms32: Array | None = None,
     norm_bounds: tuple[float, float] | None = None,
-    working_set: int = 16 << 20,
+    working_set: int = DEFAULT_WORKING_SET,
     parallel: Parallel = SERIAL,
     matvec: MatVec | None = None,
 ) -> SearchOutput:
@@ -181,11 +182,9 @@ def flat_topk(
             norms32 = norms_sq.astype(xp.float32)
         if metric == "cosine" and inv_norms32 is None:
             inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
-    inv = inv_norms32 if metric == "cosine" else None
-    if rows is None:
-        cand = _Candidates(X, None, norms_sq, norms32, inv)
-    else:
-        cand = _Candidates(X, rows, norms_sq[rows], norms32[rows], None if inv is None else inv[rows])
+    cand = _Candidates(X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None)
+    if rows is not None:
+        cand = cand.subset(rows, xp)
     if norm_bounds is None or rows is not None:
         positive = cand.norms[cand.norms > 0]
         norm_bounds = (float(xp.min(positive)), float(xp.max(positive))) if positive.shape[0] else (1.0, 0.0)
@@ -215,16 +214,13 @@ def flat_topk(
 # (1,000,000 x 128, k = 10, ms per query: 1,024 -> 1.67, 1,023 -> 1.67, 1,020 -> 1.52,
 # 1,000 -> 1.50; 512 -> 1.57 against 500 -> 1.50).
 _MAX_BLOCK = 1000
-_TILE_PER_CANDIDATE = 8  # rows of a tile per candidate kept (so k = 1,000 -> 8,064 rows)
+_TILE_PER_CANDIDATE = 8  # rows of a tile per candidate kept, merging every tile (so k = 50 -> 464)
 
 
 def _even_block(m: int, most: int) -> int:
     """Queries per block: at most ``most``, the blocks as even as possible (no small leftover
     block paying a whole pass over the rows)."""
     return -(-m // -(-m // most))
-
-
-_SAMPLE = 512  # scores of a single query's prefix used to seed its admission bound
 
 
 def _search_block(
@@ -330,8 +326,8 @@ def _coarse_best(
     -1 where fewer than ``c`` scores were admitted.
 
     Scores above a query's bound are never admitted: ``theta`` (from :func:`_sample_bound`) when
-    given, else the ``c``-th best of the first tile's prefix; the bound then tightens to the
-    ``c``-th best kept whenever admitted scores are merged in.
+    given, else :func:`_seed_bound` of the first tile; the bound then tightens to the ``c``-th
+    best kept whenever admitted scores are merged in.
     """
     mb, d = int(Qc.shape[0]), int(Qc.shape[1])
     n = cand.n
@@ -367,7 +363,7 @@ def _coarse_best(
             else:
                 merged = sel.add(qi, t0 + row, vals)
             if merged:
-                thr = xp.minimum(thr, _nan_to_inf(xp, sel.worst()))
+                thr = xp.minimum(thr, sel.worst())
         return sel.best()
 
     if workers == 1:
@@ -385,26 +381,32 @@ _SAMPLE_MIN_C = 64  # candidates kept per query from which the bound is sampled
 _SAMPLE_STRIDE = 16  # at most every 16th row is sampled (the sample costs 1/16 of a scan)
 
 
-def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int) -> Array:
-    """Each query's first admission bound from its first tile ``S``: an upper bound of its final
-    ``c``-th best, so nothing that belongs in the top ``c`` is ever filtered out.
+def _kth_run_min(xp: Any, S: Array, kth: int, g: int, rows_axis: int) -> Array:
+    """The ``kth``-smallest (1-based) minimum over disjoint runs of ``g`` rows of ``S``, per query,
+    ``+inf`` where fewer than ``kth`` runs have a non-NaN minimum.
 
-    The tile's rows are split into disjoint runs; the ``c``-th smallest run minimum ``v`` is such a bound
-    (``c`` different runs each hold a score at or below ``v``), nearly as tight as the ``c``-th
-    best of the whole tile when a run holds a few of the ``c`` best at most, and far cheaper to
-    find: a partition of ``rows / g`` minima instead of ``rows`` scores.
+    ``kth`` different runs each hold a score at or below the result, so it bounds the ``kth``
+    best score from above; when a run rarely holds two of the ``kth`` best it is nearly as tight
+    as the ``kth`` best itself, and it is a partition of ``rows / g`` minima instead of ``rows``
+    scores. A run is every ``(rows // g)``-th row: the minimum is then a reduction over an outer
+    axis, which streams (over a short last axis NumPy is about 10x slower).
     """
     rows = int(S.shape[rows_axis])
-    g = max(1, min(_CHUNK, rows // (8 * c)))
     nr = rows // g
-    if rows_axis == 0:
-        R = S[: nr * g].reshape(nr, g, S.shape[1]).min(axis=1) if g > 1 else S
-    else:
-        # Runs of every nr-th score: a reduction over a middle axis streams (one over a short
-        # last axis is about 10x slower in NumPy); any split into disjoint runs will do.
-        R = S[:, : nr * g].reshape(S.shape[0], g, nr).min(axis=1) if g > 1 else S
+    if g > 1:
+        if rows_axis == 0:
+            S = S[: nr * g].reshape(g, nr, *S.shape[1:]).min(axis=0)
+        else:
+            S = S[:, : nr * g].reshape(S.shape[0], g, nr).min(axis=1)
     # A run holding a NaN has a NaN minimum: it sorts last and is not counted.
-    return _nan_to_inf(xp, xp.take(xp.partition(R, c - 1, axis=rows_axis), c - 1, axis=rows_axis))
+    return _nan_to_inf(xp, xp.take(xp.partition(S, kth - 1, axis=rows_axis), kth - 1, axis=rows_axis))
+
+
+def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int) -> Array:
+    """Each query's first admission bound from its first tile ``S`` (or a single query's
+    scores): an upper bound of its final ``c``-th best, so nothing that belongs in the top ``c``
+    is ever filtered out. Runs of up to 64 rows, at least 8 ``c`` of them."""
+    return _kth_run_min(xp, S, c, max(1, min(_CHUNK, int(S.shape[rows_axis]) // (8 * c))), rows_axis)
 
 
 def _sample_bound(
@@ -417,7 +419,7 @@ def _sample_bound(
     working_set: int,
     parallel: Parallel,
 ) -> Array | None:
-    """Per-query admission bounds that about ``1.5c``-``2c`` rows meet, from a strided sample.
+    """Per-query admission bounds that about ``1.5c``-``3c`` rows meet, from a strided sample.
 
     With ``s`` of ``n`` rows sampled, about ``lam = c s / n`` sampled rows are among a query's
     true ``c`` best. The bound is the ``r``-th best sampled score with ``r`` three standard
@@ -443,17 +445,13 @@ def _sample_bound(
     cuts = [mb * w // workers for w in range(workers + 1)]
 
     # The r-th smallest minimum of runs of g sampled scores, g small enough that a run rarely
-    # holds two of the r best (g r / s <= 1/32: the bound admits a few % more), is a partition
-    # of s / g values instead of s.
+    # holds two of the r best (g r / s <= 1/32: the bound admits a few % more).
     g = max(1, min(8, s // (32 * r)))
-    nr = s // g
 
     def bound(w: int) -> None:
         q0, q1 = cuts[w], cuts[w + 1]
         S = _Tiler(xp, sub, Qc[q0:q1], metric, cdtype, s, transposed=False).scores(0, s)
-        R = S[:, : nr * g].reshape(q1 - q0, g, nr).min(axis=1) if g > 1 else S  # as in _seed_bound
-        # NaN scores (zero rows, COSINE) sort last; a bound that is NaN admits everything.
-        out[q0:q1] = _nan_to_inf(xp, xp.partition(R, r - 1, axis=1)[:, r - 1])
+        out[q0:q1] = _kth_run_min(xp, S, r, g, 1)
 
     if workers > 1:
         parallel.map(bound, workers)
@@ -465,11 +463,10 @@ def _sample_bound(
 def _select_one(xp: Any, cand: _Candidates, s: Array, lo: int, c: int) -> tuple[Array, Array]:
     """The ``c`` best of one query's coarse scores ``s`` (candidates ``lo...``) as ``(1, c)``.
 
-    The fast path of one query: the same admission bound as a tiled scan (the c-th best of a
-    prefix), then one comparison over all scores and a partition of the few that pass.
+    The fast path of one query: the same admission bound as a tiled scan's first tile, then one
+    comparison over all scores and a partition of the few that pass.
     """
-    width = min(s.shape[0], max(_SAMPLE, 8 * c))
-    thr = _nan_to_inf(xp, xp.partition(s[:width], c - 1)[c - 1]) if width >= c else xp.inf
+    thr = _seed_bound(xp, s, c, 0) if s.shape[0] >= c else xp.inf
     hits = xp.flatnonzero(s <= thr)  # NaN never passes: those rows are ranked apart
     vals = s[hits]
     if hits.shape[0] > c:
@@ -485,10 +482,9 @@ def _select_one(xp: Any, cand: _Candidates, s: Array, lo: int, c: int) -> tuple[
 _FINALIZE_BYTES = 2 << 20  # float64 candidate vectors re-scored at once (per worker)
 
 # Rows per worker below which splitting the scan costs more (thread hand-off, a second
-# selection) than it saves, and the multiply-adds a search must have before it is split.
-# A single query splits later: its product is bandwidth-bound either way, and the split only
-# pays once the selection over n scores costs more than the hand-off (measured: level at
-# 100,000-300,000 x 128 and at 200,000 x 768, 16 ms against 22 ms at 1,000,000 x 128).
+# selection) than it saves, and the multiply-adds a search must have before it is split. One
+# query's split (measured with the CPU backend's einsum stream, ms whole against split): 0.75
+# against 0.85 at 30,000 x 128, 2.68 against 1.95 at 100,000, 4.82 against 3.54 at 200,000.
 _MIN_ROWS_PER_WORKER = 4096
 _MIN_WORK = 1 << 22
 _MIN_WORK_ONE_QUERY = 1 << 22
@@ -714,9 +710,7 @@ class _Selection:
             self.s = xp.concatenate([self.s, xp.full((self.s.shape[0], grow), xp.nan, self.s.dtype)], axis=1)
             self.r = xp.concatenate([self.r, xp.full((self.r.shape[0], grow), -1, xp.int64)], axis=1)
             self.width = need
-        # The i-th hit of query q goes to column fill[q] + i of its row.
-        first = xp.arange(counts.shape[0]) * self.width + self.fill - (xp.cumsum(counts) - counts)
-        flat = first[qi] + xp.arange(qi.shape[0])
+        flat = _slots(xp, qi, counts, xp.arange(counts.shape[0]) * self.width + self.fill)
         self.s.reshape(-1)[flat] = vals
         self.r.reshape(-1)[flat] = self.cand.row_index(0, pos, xp)
         self.fill += counts
@@ -733,20 +727,16 @@ class _Selection:
         counts = xp.bincount(qi, minlength=self.s.shape[0])
         touched = xp.flatnonzero(counts)
         width = c + int(xp.max(counts))
-        slot_of = xp.zeros(self.s.shape[0], dtype=xp.int64)
-        slot_of[touched] = xp.arange(touched.shape[0]) * width + c - (xp.cumsum(counts) - counts)[touched]
-        flat = slot_of[qi] + xp.arange(qi.shape[0])
+        row_start = xp.zeros(self.s.shape[0], dtype=xp.int64)
+        row_start[touched] = xp.arange(touched.shape[0]) * width + c
+        flat = _slots(xp, qi, counts, row_start)
         cand_s = xp.full((touched.shape[0], width), xp.nan, dtype=self.s.dtype)
         cand_r = xp.empty((touched.shape[0], width), dtype=xp.int64)
         cand_s[:, :c] = self.s[touched, :c]
         cand_r[:, :c] = self.r[touched, :c]
         cand_s.reshape(-1)[flat] = vals
         cand_r.reshape(-1)[flat] = self.cand.row_index(0, pos, xp)
-        # Empty slots hold NaN and rank last (their rows are never picked: each query has c
-        # non-NaN entries in its first c columns).
-        part = xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
-        self.s[touched, :c] = _rows_take(xp, cand_s, part)
-        self.r[touched, :c] = _rows_take(xp, cand_r, part)
+        self._keep_best(touched, cand_s, cand_r)
 
     def fold(self) -> None:
         """Merge the waiting scores into the ``c`` best."""
@@ -755,23 +745,35 @@ class _Selection:
         if touched.shape[0] == 0:
             return
         w = int(xp.max(self.fill))
-        sub_s = self.s[touched, :w]
-        sub_r = self.r[touched, :w]
-        part = xp.argpartition(sub_s, c - 1, axis=1)[:, :c]
-        self.s[touched, :c] = _rows_take(xp, sub_s, part)
-        self.r[touched, :c] = _rows_take(xp, sub_r, part)
+        self._keep_best(touched, self.s[touched, :w], self.r[touched, :w])
         self.s[touched, c:w] = xp.nan
         self.fill[touched] = c
         self.pending = False
 
+    def _keep_best(self, touched: Array, cand_s: Array, cand_r: Array) -> None:
+        """The ``c`` best of each row of ``cand_s`` become the ``c`` best of queries ``touched``.
+        Empty slots hold NaN and rank last, after the ``+inf`` placeholders: each row has ``c``
+        non-NaN entries, so no empty slot is ever kept."""
+        c = self.c
+        part = self.xp.argpartition(cand_s, c - 1, axis=1)[:, :c]
+        self.s[touched, :c] = _rows_take(self.xp, cand_s, part)
+        self.r[touched, :c] = _rows_take(self.xp, cand_r, part)
+
     def worst(self) -> Array:
-        """Each query's ``c``-th best (``+inf`` while it has fewer): a valid admission bound."""
+        """Each query's ``c``-th best (``+inf`` while it has fewer; never NaN, as NaN is never
+        admitted): a valid admission bound."""
         return self.xp.max(self.s[:, : self.c], axis=1)
 
     def best(self) -> tuple[Array, Array]:
         if self.pending:
             self.fold()
         return self.s[:, : self.c], self.r[:, : self.c]
+
+
+def _slots(xp: Any, qi: Array, counts: Array, row_start: Array) -> Array:
+    """Flat positions for hits grouped by query: the ``i``-th hit of query ``q`` goes to
+    ``row_start[q] + i`` (``counts`` hits per query)."""
+    return (row_start - (xp.cumsum(counts) - counts))[qi] + xp.arange(qi.shape[0])
 
 
 def _rows_take(xp: Any, a: Array, idx: Array) -> Array:

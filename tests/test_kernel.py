@@ -373,3 +373,24 @@ def test_huge_k_rescoring_stays_within_the_working_set() -> None:
     want = reference(X, ids, Q, 30_000, "l2", None)
     assert ids[out.rows].tolist() == want[0]
     np.testing.assert_array_equal(out.scores, np.array(want[1]))
+
+
+@pytest.mark.parametrize("rows_axis", [0, 1])
+@pytest.mark.parametrize("g", [1, 3, 8])
+def test_kth_run_min_is_the_kth_smallest_run_minimum(rows_axis: int, g: int) -> None:
+    """Against a loop: runs are every (rows // g)-th row, a run with a NaN is not counted, and
+    fewer than kth counted runs give +inf. The result bounds the kth best score from above."""
+    rng = np.random.default_rng(g)
+    S = rng.standard_normal((101, 5)).astype(np.float32)
+    S[3, 0] = np.nan  # one run of query 0 holds a NaN
+    S[:, 4] = np.nan  # query 4: every run holds one
+    S[: 101 // g * g : 101 // g, 1] = -5.0  # query 1: the g rows of run 0, all equal
+    got = _flat._kth_run_min(np, S if rows_axis == 0 else np.ascontiguousarray(S.T), 4, g, rows_axis)
+    nr = 101 // g
+    for q in range(5):
+        minima = [S[j : nr * g : nr, q].min() for j in range(nr)]
+        counted = sorted(v for v in minima if not np.isnan(v))
+        want = counted[3] if len(counted) >= 4 else np.inf
+        assert got[q] == want, (q, got[q], want)
+        finite = np.sort(S[~np.isnan(S[:, q]), q])
+        assert len(finite) < 4 or got[q] >= finite[3]
