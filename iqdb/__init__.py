@@ -10,10 +10,43 @@ See ``API.md`` for the contract. ``iqdb.open(path)`` gives the same handle backe
 (an Arrow IPC snapshot and a write-ahead log).
 """
 
+# ruff: noqa: E402 (iqdb.kernels must be importable before the modules that use it are imported)
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from typing import Any
+
+
+def _adopt_source_kernels() -> None:
+    """In a source checkout with no editable install, load ``kernels/`` as ``iqdb.kernels``.
+
+    An installed iqdb has ``iqdb/kernels/`` (pyproject's package-dir mapping puts it there; an
+    editable install's finder maps it). Python started in a checkout's root finds the source
+    ``iqdb/`` first on ``sys.path``, ahead of the installed one, and that has no ``kernels``:
+    this gives it the checkout's own, so ``pip install . && python -m pytest`` tests the checkout.
+    """
+    name = f"{__name__}.kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(source, "__init__.py"), submodule_search_locations=[source]
+    )
+    if spec is None or spec.loader is None or not os.path.isdir(source):
+        return  # not a checkout: the import below fails naming iqdb.kernels
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    globals()["kernels"] = module  # what the import system does for a submodule it loads
+
+
+_adopt_source_kernels()
 
 from ._db import Iqdb
 from ._errors import (

@@ -6,8 +6,9 @@ False
 
 A write reaches a backend as an *operation* that has already been validated completely. The
 handle calls :meth:`Backend.log` first (the durable backend appends a WAL frame; a failure
-raises and changes nothing) and applies the operation to the :class:`ColumnStore` after, all
-under its writer lock, so log order is memory order.
+raises and changes nothing) and applies the operation to the :class:`ColumnStore` after, both
+under its writer mutex, so log order is memory order. If applying fails, the handle rolls the
+store back and calls :meth:`Backend.unlog`, so the log never holds a write that memory lacks.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def merge_upserts(ops: list[UpsertOp]) -> UpsertOp:
     return dedupe_last(merged)
 
 
-def apply_op(store: ColumnStore, op: Op) -> None:
-    """Apply a validated operation to the store."""
+def apply_op(store: ColumnStore, op: Op) -> int:
+    """Apply a validated operation to the store; the number of records written or removed."""
     if isinstance(op, UpsertOp):
         store.upsert(op.ids, op.vectors, op.payloads)
-    else:
-        store.delete_many(op.ids)
+        return int(op.ids.shape[0])
+    return store.delete_many(op.ids)
 
 
 class Backend(Protocol):
@@ -99,6 +100,9 @@ class Backend(Protocol):
         """Called after the writer lock is released: wait until the logged write is as durable as
         the backend's setting promises (``sync="always"``: fsynced, group-committed)."""
 
+    def unlog(self, ticket: Any) -> None:
+        """Take back the write :meth:`log` just logged (it could not be applied), or raise."""
+
     def flush(self) -> None:
         """Make every logged operation survive a machine crash."""
 
@@ -110,6 +114,10 @@ class Backend(Protocol):
 
     def close(self, store: ColumnStore) -> None:
         """Release resources; durable backends compact first."""
+
+    def abandon(self) -> bool:
+        """Release resources without compacting (a handle garbage-collected unclosed); ``True``
+        if there were any (files, a lock)."""
 
     def check(self) -> dict[str, Any]:
         """Verify the stored state; a report of what was found."""
@@ -126,6 +134,9 @@ class MemoryBackend:
     def commit(self, ticket: Any) -> None:
         """Nothing to wait for."""
 
+    def unlog(self, ticket: Any) -> None:
+        """Nothing was logged."""
+
     def flush(self) -> None:
         """Nothing to flush in memory."""
 
@@ -138,6 +149,10 @@ class MemoryBackend:
 
     def close(self, store: ColumnStore) -> None:
         """Nothing to release."""
+
+    def abandon(self) -> bool:
+        """Nothing to release."""
+        return False
 
     def check(self) -> dict[str, Any]:
         """An in-memory database has nothing on disk to verify."""

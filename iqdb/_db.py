@@ -8,15 +8,24 @@
 [(1, 0.141), (2, 1.273)]
 
 One handle, two backends: :meth:`Iqdb.open_in_memory` and :meth:`Iqdb.open` (a directory with an
-Arrow snapshot and a write-ahead log). Any number of threads may search while one writes: the
-handle holds a readers-writer lock, so a search never sees a half-applied write.
+Arrow snapshot and a write-ahead log).
+
+Any number of threads may search while others write, and neither waits for the other: writers
+take a mutex among themselves, and each write ends by publishing an immutable version of the
+store (see :mod:`iqdb._store`). A search reads one version, so it sees the database exactly as
+it was after one write. Compaction, too, runs while searches go on. While searches are running,
+a writer gives up the GIL after each write so that a tight write loop cannot starve them.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
+import threading
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -26,10 +35,9 @@ import numpy.typing as npt
 
 from ._backend import Backend, DeleteOp, MemoryBackend, Op, UpsertOp, apply_op, dedupe_last
 from ._device import resolve_device
-from ._errors import Closed, DimensionMismatch, InvalidArgument, InvalidConfig, StorageError
-from ._lock import RWLock
+from ._errors import Closed, DimensionMismatch, InvalidArgument, InvalidConfig, Poisoned, StorageError
 from ._payload import Payload, coerce_payload
-from ._store import ColumnStore
+from ._store import ColumnStore, Version
 from ._values import (
     DistanceMetric,
     Record,
@@ -40,7 +48,7 @@ from ._values import (
     as_vector_array,
     coerce_metric,
 )
-from .kernels import DEFAULT_WORKING_SET, flat_topk
+from .kernels import DEFAULT_WORKING_SET, SERIAL, flat_topk
 
 __all__ = ["Iqdb", "coerce_ids"]
 
@@ -51,6 +59,39 @@ _BOOL_TYPES = frozenset({bool, np.bool_})
 T = TypeVar("T")
 
 _MIN_WORKING_SET = 64 << 10
+# While searches run, a writer gives up the GIL at most this often (seconds; None: never).
+YIELD_EVERY: float | None = 0.005
+
+
+class _FairSlots:
+    """A counting semaphore that serves waiters in arrival order: a released slot is handed to
+    the oldest waiter directly, so a thread that releases and at once acquires again cannot
+    take it back first (``threading.Semaphore`` lets it, which starves the others)."""
+
+    def __init__(self, slots: int) -> None:
+        self._mutex = threading.Lock()
+        self._free = slots
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def acquire(self) -> None:
+        with self._mutex:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            me = threading.Lock()
+            me.acquire()
+            self._waiters.append(me)
+        me.acquire()  # released by the thread that hands this one its slot
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._free += 1
+
+
+_KERNEL_SLOTS = _FairSlots(max(1, os.cpu_count() or 1))
 
 
 def _check_working_set(working_set: object) -> int:
@@ -59,6 +100,27 @@ def _check_working_set(working_set: object) -> int:
     if working_set < _MIN_WORKING_SET:
         raise InvalidConfig(f"working_set must be at least {_MIN_WORKING_SET} bytes, got {working_set}")
     return int(working_set)
+
+
+def _check_path(path: object) -> str:
+    """``path`` as a ``str`` the file system can take, or :class:`InvalidConfig`: a ``str``,
+    ``bytes`` or ``os.PathLike``, not empty (which would mean the current directory), without
+    NUL, and valid UTF-8: Arrow opens the snapshot by a UTF-8 path, so a database in a
+    directory whose name is not (bytes decoded with surrogate escapes, lone surrogates) could
+    be created but never opened again."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InvalidConfig(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}")
+    try:
+        text = os.fsdecode(path)
+        os.fsencode(text)
+        text.encode("utf-8")
+    except (TypeError, UnicodeError) as exc:
+        raise InvalidConfig(f"path cannot be used as a file name ({type(exc).__name__})") from None
+    if not text:
+        raise InvalidConfig("path is empty")
+    if "\0" in text:
+        raise InvalidConfig("path contains a NUL character")
+    return text
 
 
 def _check_k(k: object) -> int:
@@ -129,8 +191,12 @@ class Iqdb:
         self._working_set = working_set
         self._store = store
         self._backend = backend
-        self._lock = RWLock()
         self._closed = False
+        self._wlock = threading.Lock()  # writers only; searches never take it
+        self._local = threading.local()  # .predicate: depth of predicate calls in this thread
+        self._searching: list[None] = []  # one entry per search in flight (append/pop are atomic)
+        self._broken: BaseException | None = None  # a failed write could not be undone
+        self._yielded = 0.0  # when a write last handed the GIL to the searches
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -195,13 +261,16 @@ class Iqdb:
         """
         from ._durable import open_durable
 
+        where = _check_path(path)
+        if not isinstance(readonly, (bool, np.bool_)):
+            raise InvalidConfig(f"readonly must be a bool, got {type(readonly).__name__}")
         unknown = set(options) - {"sync", "wal_limit", "fs"}
         if unknown:
             raise InvalidConfig(f"unknown option(s) for Iqdb.open: {', '.join(sorted(unknown))}")
         ws = _check_working_set(working_set)
         backend = resolve_device(device)
         store = ColumnStore(backend)
-        durable = open_durable(os.fspath(path), store, readonly=readonly, **options)
+        durable = open_durable(where, store, readonly=bool(readonly), **options)
         return cls(store, durable, working_set=ws, _token=_PRIVATE)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -209,16 +278,48 @@ class Iqdb:
         if self._closed:
             raise Closed("the database handle is closed")
 
-    def close(self) -> None:
-        """Close the handle. Durable databases compact first (snapshot written, WAL emptied).
+    def _check_not_in_predicate(self) -> None:
+        if getattr(self._local, "predicate", 0):
+            raise InvalidArgument("the database cannot be changed from inside a search predicate")
 
-        Closing again does nothing.
+    def close(self) -> None:
+        """Close the handle. Durable databases compact first (snapshot written, WAL emptied), then
+        release their lock and files; the memory the records held is released too.
+
+        Closing again does nothing. Searches already running finish on what they read.
+
+        Raises
+        ------
+        InvalidArgument
+            Called from inside a search predicate.
         """
-        with self._lock.write():
+        if self._closed:
+            return
+        self._check_not_in_predicate()
+        with self._wlock:
             if self._closed:
                 return
             self._closed = True
-            self._backend.close(self._store)
+            try:
+                self._backend.close(self._store)
+            finally:
+                self._store.clear()
+
+    def __del__(self) -> None:
+        # A handle dropped without close(): release the lock and the files so that the
+        # directory can be opened again, but do not compact (every write is in the WAL).
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._store.clear()
+        try:
+            held = self._backend.abandon()
+        except BaseException:
+            return
+        if held:
+            warnings.warn(
+                f"unclosed iqdb database {self._backend!r}", ResourceWarning, stacklevel=1, source=self
+            )
 
     def __enter__(self) -> Iqdb:
         self._check_open()
@@ -232,8 +333,8 @@ class Iqdb:
     def __repr__(self) -> str:
         if self._closed:
             return "<Iqdb closed>"
-        store = self._store
-        return f"<Iqdb {self._backend!r} n={store.n} dim={store.dim} device={store.backend.name!r}>"
+        v = self._store.version
+        return f"<Iqdb {self._backend!r} n={v.live} dim={v.dim} device={self._store.backend.name!r}>"
 
     @property
     def device(self) -> str:
@@ -245,43 +346,80 @@ class Iqdb:
     @property
     def dim(self) -> int | None:
         """The dimension, or ``None`` while the database has never held a vector."""
-        with self._lock.read():
-            self._check_open()
-            return self._store.dim
+        self._check_open()
+        return self._store.version.dim
 
     def __len__(self) -> int:
-        with self._lock.read():
-            self._check_open()
-            return self._store.n
+        self._check_open()
+        return self._store.version.live
 
     def is_empty(self) -> bool:
         """``True`` when no record is stored."""
         return len(self) == 0
 
     def __contains__(self, rid: object) -> bool:
+        self._check_open()
         key = int(RecordId(rid))
-        with self._lock.read():
-            self._check_open()
-            return key in self._store.row_of
+        return self._store.lookup(key) is not None
 
     # -- writes ---------------------------------------------------------------------------
-    def _write(self, op: Op) -> Any:
-        """Log then apply, under the writer lock: log order is memory order. The ticket goes to
-        ``backend.commit`` once the lock is released (group commit)."""
-        ticket = self._backend.log(op)
-        apply_op(self._store, op)
-        if self._backend.wants_compaction():
+    def _write(self, op: Op, dim: int | None = None) -> Any:
+        """Log then apply under the writer mutex (log order is memory order), publishing a new
+        version; searches are never blocked. ``dim``: the vectors' dimension, checked against
+        the database's under the mutex. Returns what the operation returned."""
+        with self._wlock:
+            self._check_writable()
+            store = self._store
+            if dim is not None:
+                store.check_dim(dim)
+            if isinstance(op, DeleteOp) and not any(store.row_of.get(int(i)) is not None for i in op.ids):
+                return 0
+            ticket = self._backend.log(op)
             try:
-                self._backend.compact(self._store)
-            except StorageError as exc:
-                # The write itself succeeded and is in the WAL, which stays the truth.
-                log.warning("iqdb: automatic compaction failed: %s", exc)
-        return ticket
+                result = apply_op(store, op)
+            except BaseException as exc:
+                self._undo(ticket, exc)
+                raise
+            if self._backend.wants_compaction():
+                try:
+                    self._backend.compact(store)
+                except StorageError as exc:
+                    # The write itself succeeded and is in the WAL, which stays the truth.
+                    log.warning("iqdb: automatic compaction failed: %s", exc)
+        self._backend.commit(ticket)
+        if self._searching and YIELD_EVERY is not None:
+            # Hand the GIL to the searches now rather than at the end of the interpreter's
+            # switch interval: a writer in a tight loop would otherwise hold it most of the time.
+            now = time.perf_counter()
+            if now - self._yielded >= YIELD_EVERY:
+                time.sleep(0)
+                self._yielded = time.perf_counter()
+        return result
+
+    def _undo(self, ticket: Any, exc: BaseException) -> None:
+        """A logged write failed to apply (say, MemoryError): take it out of the log and of
+        memory, so that memory stays what a reopen would see; if that fails too, poison."""
+        try:
+            self._store.rollback()
+            self._backend.unlog(ticket)
+        except BaseException as undo:
+            self._broken = undo
+            log.error("iqdb: could not undo a failed write (%s after %s); writes are refused", undo, exc)
 
     def _check_writable(self) -> None:
         self._check_open()
+        self._check_not_in_predicate()
         if self._backend.readonly:
             raise InvalidConfig("the database was opened readonly; writes are refused")
+        broken = self._broken
+        if broken is not None:
+            message = (
+                f"writes refused until the database is reopened: undoing a failed write failed ({broken})"
+            )
+            err = Poisoned(message)
+            if isinstance(broken, OSError) and broken.errno is not None:
+                err = Poisoned(message, broken.errno, broken.filename)
+            raise err from broken
 
     def upsert(self, record: Record) -> None:
         """Insert ``record``, or replace the whole record (vector and payload) with that id.
@@ -293,6 +431,7 @@ class Iqdb:
         DimensionMismatch
             The vector's dimension differs from the database's (``left`` = vector, ``right`` = db).
         """
+        self._check_writable()
         if not isinstance(record, Record):
             raise InvalidArgument(f"upsert takes a Record, got {type(record).__name__}")
         vectors = record.vector.to_numpy()[None, :]
@@ -301,11 +440,7 @@ class Iqdb:
             vectors,
             [None if record.payload is None else record.payload.copy()],
         )
-        with self._lock.write():
-            self._check_writable()
-            self._store.check_dim(record.vector.dim)
-            ticket = self._write(op)
-        self._backend.commit(ticket)
+        self._write(op, record.vector.dim)
 
     def upsert_many(self, ids: object, vectors: object, payloads: Sequence[object] | None = None) -> None:
         """Insert or replace many records at once: all or nothing.
@@ -328,15 +463,14 @@ class Iqdb:
         DimensionMismatch
             The rows' dimension differs from the database's.
         """
+        self._check_writable()
         id_arr = coerce_ids(ids)
         n = int(id_arr.shape[0])
         if n == 0:
             if _length(vectors) not in (0, None):
                 raise InvalidArgument(f"got 0 ids but {_length(vectors)} vectors")
-            if payloads is not None and len(payloads) != 0:
-                raise InvalidArgument(f"got 0 ids but {len(payloads)} payloads")
-            with self._lock.read():
-                self._check_writable()
+            if payloads is not None and _length(payloads) != 0:
+                raise InvalidArgument(f"got 0 ids but {_length(payloads)} payloads")
             return
         matrix = as_matrix(vectors)
         if matrix.shape[0] != n:
@@ -351,11 +485,7 @@ class Iqdb:
             plist = _coerce_payloads(payloads)
         # A repeated id: the last row wins.
         op = dedupe_last(UpsertOp(np.ascontiguousarray(id_arr), np.ascontiguousarray(matrix), plist))
-        with self._lock.write():
-            self._check_writable()
-            self._store.check_dim(int(matrix.shape[1]))
-            ticket = self._write(op)
-        self._backend.commit(ticket)
+        self._write(op, int(matrix.shape[1]))
 
     def delete(self, rid: object) -> bool:
         """Delete the record with id ``rid``; ``True`` if one was removed.
@@ -365,14 +495,9 @@ class Iqdb:
         InvalidArgument
             ``rid`` is not a valid id.
         """
+        self._check_writable()
         key = int(RecordId(rid))
-        with self._lock.write():
-            self._check_writable()
-            if key not in self._store.row_of:
-                return False
-            ticket = self._write(DeleteOp(np.array([key], dtype=np.uint64)))
-        self._backend.commit(ticket)
-        return True
+        return bool(self._write(DeleteOp(np.array([key], dtype=np.uint64))))
 
     def flush(self) -> None:
         """Make every write so far durable (fsync of the WAL); a no-op in memory.
@@ -382,22 +507,28 @@ class Iqdb:
         StorageError
             The fsync failed; the handle is then poisoned (writes raise until reopened).
         """
-        with self._lock.read():
-            self._check_open()
-            if not self._backend.readonly:
-                self._backend.flush()
+        self._check_open()
+        if not self._backend.readonly:
+            self._backend.flush()
 
     def compact(self) -> None:
-        """Write a fresh snapshot and empty the WAL (what ``close()`` does), keeping the handle open."""
-        with self._lock.write():
+        """Write a fresh snapshot and empty the WAL (what ``close()`` does), keeping the handle
+        open. Searches go on meanwhile (writers wait).
+
+        Raises
+        ------
+        InvalidArgument
+            Called from inside a search predicate.
+        """
+        self._check_writable()
+        with self._wlock:
             self._check_writable()
             self._backend.compact(self._store)
 
     def check(self) -> dict[str, Any]:
         """Verify the stored files' integrity; a report of what was found (``report["ok"]``)."""
-        with self._lock.read():
-            self._check_open()
-            return self._backend.check()
+        self._check_open()
+        return self._backend.check()
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, rid: object) -> Record | None:
@@ -408,18 +539,16 @@ class Iqdb:
         InvalidArgument
             ``rid`` is not a valid id.
         """
+        self._check_open()
         key = RecordId(rid)
-        with self._lock.read():
-            self._check_open()
-            row = self._store.row_of.get(int(key))
-            if row is None:
-                return None
-            payload = self._store.payloads[row]
-            return Record._trusted(
-                key,
-                Vector._trusted(self._store.vector_of(row)),
-                None if payload is None else payload.copy(),
-            )
+        found = self._store.lookup(int(key))
+        if found is None:
+            return None
+        v, row = found
+        layout = v.layout
+        payload = layout.payloads[row]
+        vector = np.array(layout.backend.to_host(layout.matrix[row]), dtype=np.float32, copy=True)
+        return Record._trusted(key, Vector._trusted(vector), None if payload is None else payload.copy())
 
     def search(
         self, query: object, k: int, metric: DistanceMetric | str = DistanceMetric.COSINE
@@ -459,7 +588,8 @@ class Iqdb:
         InvalidArgument
             ``predicate`` is not callable; as :meth:`search` otherwise.
         """
-        if not callable(predicate):
+        self._check_open()
+        if _check_k(k) and not callable(predicate):
             raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
         return self._search_one(query, k, metric, predicate)
 
@@ -531,7 +661,7 @@ class Iqdb:
         """
         request = self._batch_request(queries, k, metric, predicate)
         if request is None:
-            return _as_arrays(self._store, _length(queries) or 0, None)
+            return _as_arrays(self._store.version, _length(queries) or 0, None)
         return self._search(*request, predicate, _as_arrays)
 
     def _batch_request(
@@ -557,54 +687,75 @@ class Iqdb:
         k: int,
         metric: DistanceMetric,
         predicate: Predicate | None,
-        finish: Callable[[ColumnStore, int, _Found | None], T],
+        finish: Callable[[Version, int, _Found | None], T],
     ) -> T:
-        """Run the kernel under the read lock; ``finish`` turns its rows and scores (``None``
-        while the database has never held a vector) into the caller's form, still under the
-        lock, since rows move when records are written."""
-        with self._lock.read():
-            self._check_open()
-            store = self._store
-            if store.dim is None:
-                return finish(store, Q.shape[0], None)
-            if Q.shape[1] != store.dim:
-                raise DimensionMismatch(left=int(Q.shape[1]), right=store.dim)
-            rows = None if predicate is None else self._filter_rows(predicate)
-            be = store.backend
+        """Run the kernel on the current version, without any lock; ``finish`` turns its rows and
+        scores (``None`` while the database has never held a vector) into the caller's form."""
+        v = self._store.version
+        self._check_open()
+        self._local.seq = v.seq  # the version this thread's last search read (tests check it)
+        if v.dim is None:
+            return finish(v, Q.shape[0], None)
+        if Q.shape[1] != v.dim:
+            raise DimensionMismatch(left=int(Q.shape[1]), right=v.dim)
+        rows = None if predicate is None else self._filter_rows(v, predicate)
+        be = self._store.backend
+        dead = None if rows is not None else v.dead_rows()
+        self._searching.append(None)
+        # Splitting one search over the cores pays off only when it has them to itself; next
+        # to other searches it only adds thread hand-offs (and GIL waits) to each of them.
+        parallel = be.parallel if len(self._searching) == 1 else SERIAL
+        # At most one search per core runs its kernel at a time; the others wait on a
+        # semaphore, in order, instead of competing for the GIL with the running ones and with
+        # the writer (the cores are busy anyway, so throughput does not change).
+        _KERNEL_SLOTS.acquire()
+        try:
             out = flat_topk(
                 be.xp,
-                store.matrix,
-                store.norms,
-                store.device_ids,
+                v.matrix,
+                v.norms,
+                v.device_ids,
                 be.asarray(Q),
                 k,
                 metric.value,
                 None if rows is None else be.asarray(rows),
-                norms32=store.norms32,
-                inv_norms32=store.inv_norms32,
-                norm_bounds=store.norm_bounds,
+                dead=None if dead is None else be.asarray(dead),
+                norms32=v.norms32,
+                inv_norms32=v.inv_norms32,
+                norm_bounds=v.bounds,
                 working_set=self._working_set,
-                parallel=be.parallel,
+                parallel=parallel,
                 matvec=be.matvec,
             )
-            found = (be.to_host(out.rows), be.to_host(out.scores))
-            return finish(store, Q.shape[0], found)
+        finally:
+            _KERNEL_SLOTS.release()
+            self._searching.pop()
+        found = (be.to_host(out.rows), be.to_host(out.scores))
+        return finish(v, Q.shape[0], found)
 
-    def _filter_rows(self, predicate: Predicate) -> npt.NDArray[np.int64]:
-        """Rows whose record passes ``predicate`` (the escape hatch: one call per record)."""
-        store = self._store
-        matrix = store.backend.to_host(store.matrix)
-        keep = [
-            row
-            for row, (rid, payload) in enumerate(zip(store.ids.tolist(), store.payloads))
-            if predicate(
-                Record._trusted(
-                    RecordId(rid),
-                    Vector._trusted(matrix[row].copy()),
-                    None if payload is None else payload.copy(),
+    def _filter_rows(self, v: Version, predicate: Predicate) -> npt.NDArray[np.int64]:
+        """Live rows of ``v`` whose record passes ``predicate`` (the escape hatch: one call per
+        record). The predicate may read this handle but not change it."""
+        matrix = v.layout.backend.to_host(v.matrix)
+        rows = v.live_rows()
+        ids, payloads = v.ids, v.payloads
+        local = self._local
+        depth = getattr(local, "predicate", 0)
+        local.predicate = depth + 1
+        try:
+            keep = [
+                row
+                for row in rows.tolist()
+                if predicate(
+                    Record._trusted(
+                        RecordId(int(ids[row])),
+                        Vector._trusted(matrix[row].copy()),
+                        None if (p := payloads[row]) is None else p.copy(),
+                    )
                 )
-            )
-        ]
+            ]
+        finally:
+            local.predicate = depth
         return np.asarray(keep, dtype=np.int64)
 
 
@@ -633,13 +784,13 @@ _PRIVATE = object()
 _Found = tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]  # rows into the store, scores
 
 
-def _as_results(store: ColumnStore, m: int, found: _Found | None) -> list[list[SearchResult]]:
+def _as_results(v: Version, m: int, found: _Found | None) -> list[list[SearchResult]]:
     if found is None:
         return [[] for _ in range(m)]
     found_rows, scores_arr = found
     scores = scores_arr.tolist()
-    found_ids = store.ids[found_rows].tolist()
-    payloads = store.payloads
+    found_ids = v.ids[found_rows].tolist()
+    payloads = v.payloads
     # Ids and scores from the store are canonical by construction: skip the checks.
     rid = functools.partial(int.__new__, RecordId)
     make = SearchResult._trusted
@@ -653,9 +804,9 @@ def _as_results(store: ColumnStore, m: int, found: _Found | None) -> list[list[S
 
 
 def _as_arrays(
-    store: ColumnStore, m: int, found: _Found | None
+    v: Version, m: int, found: _Found | None
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float64]]:
     if found is None:
         return np.empty((m, 0), dtype=np.uint64), np.empty((m, 0), dtype=np.float64)
     found_rows, scores = found
-    return store.ids[found_rows], scores
+    return v.ids[found_rows], scores

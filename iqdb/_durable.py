@@ -41,7 +41,10 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any, Literal, Optional
+
+import numpy as np
 
 from ._backend import Op, UpsertOp, apply_op, merge_upserts
 from ._errors import Corrupt, InvalidConfig, Locked, Poisoned, StorageError
@@ -51,12 +54,15 @@ from ._store import ColumnStore
 from ._wal import (
     HEADER_SIZE,
     Parts,
+    ScanResult,
+    WalReader,
     decode_header,
     encode_frame_parts,
     encode_header,
     encode_sync,
     later_frame_watermarks,
-    scan,
+    replay_ops,
+    scan_reader,
 )
 
 __all__ = ["DurableBackend", "open_durable"]
@@ -99,6 +105,8 @@ class DurableBackend:
         self._durable = 0  # WAL bytes confirmed by fsync: the watermark put in frames
         self._data_end = 0  # end of the last data frame (SYNC frames need no flush)
         self.poisoned: str | None = None
+        self._poison_cause: BaseException | None = None
+        self._last_frame: tuple[int, int, int, int] | None = None  # (start, end, seq before, data end)
         self.recovery: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -108,13 +116,26 @@ class DurableBackend:
     # -- the write path -------------------------------------------------------------------
     def _check_writable(self) -> None:
         if self.poisoned is not None:
-            raise Poisoned(f"writes refused until the database is reopened: {self.poisoned}")
+            raise self._poisoned_error("writes refused")
         if self.readonly:
             raise InvalidConfig("the database was opened readonly; writes are refused")
 
-    def _poison(self, why: str) -> None:
+    def _poison(self, why: str, cause: BaseException | None = None) -> None:
         self.poisoned = why
+        self._poison_cause = cause
         log.error("iqdb: %s is poisoned: %s", self.path, why)
+
+    def _poisoned_error(self, what: str) -> Poisoned:
+        """The error for a refused call: the ``errno``, ``filename`` and ``__cause__`` are those of
+        the failure that poisoned the handle."""
+        cause = self._poison_cause
+        message = f"{what} until the database is reopened: {self.poisoned}"
+        if isinstance(cause, OSError) and cause.errno is not None:
+            err = Poisoned(message, cause.errno, cause.filename or self.wal_path)
+        else:
+            err = Poisoned(message)
+        err.__cause__ = cause
+        return err
 
     def _append(self, data: bytes | Parts) -> None:
         """Append all of ``data`` (bytes, or pieces written in order) to the WAL, or leave the
@@ -146,7 +167,7 @@ class DurableBackend:
                 if self.fs.fsize(self._wal_fd) != start:
                     raise OSError(errno.EIO, "truncate did not take", self.wal_path)
             except BaseException as undo:
-                self._poison(f"could not roll back a failed WAL append ({undo})")
+                self._poison(f"could not roll back a failed WAL append ({undo})", undo)
             if isinstance(exc, OSError):
                 raise _storage_error(exc, "appending to the WAL failed") from exc
             raise
@@ -159,10 +180,36 @@ class DurableBackend:
             frame = encode_frame_parts(op, self.last_seq + 1, self.generation, self._durable)
             if self._wal_size == 0:
                 self._start_wal()
+            start, data_end = self._wal_size, self._data_end
             self._append(frame)
             self.last_seq += 1
             self._data_end = self._wal_size
+            self._last_frame = (start, self._wal_size, self.last_seq - 1, data_end)
             return (self.generation, self._wal_size)
+
+    def unlog(self, ticket: Ticket) -> None:
+        """Cut the frame :meth:`log` just appended (its write could not be applied in memory).
+
+        The cut is fsynced: a machine crash must not bring back a write that was refused. A
+        SYNC frame appended after it by a flush goes too (it only restated a watermark). If the
+        cut fails, the handle is poisoned and the error raised.
+        """
+        with self._io:
+            if ticket is None or self._last_frame is None or self._last_frame[1] != ticket[1]:
+                return
+            start, _end, seq_before, data_end = self._last_frame
+            self._last_frame = None
+            assert self._wal_fd is not None
+            try:
+                self.fs.ftruncate(self._wal_fd, start)
+                self.fs.fsync(self._wal_fd)
+            except OSError as exc:
+                self._poison(f"could not take a failed write back out of the WAL ({exc})", exc)
+                raise _storage_error(exc, "truncating the WAL failed") from exc
+            self._wal_size = start
+            self._durable = min(self._durable, start)
+            self._data_end = data_end
+            self.last_seq = seq_before
 
     def commit(self, ticket: Ticket) -> None:
         """With ``sync="always"``, return once the write that got ``ticket`` is durable.
@@ -179,7 +226,7 @@ class DurableBackend:
         with self._sync_mutex:
             with self._io:
                 if self.poisoned is not None:
-                    raise Poisoned(f"writes refused until the database is reopened: {self.poisoned}")
+                    raise self._poisoned_error("writes refused")
                 # A compaction since then put the write in an fsynced snapshot.
                 if generation != self.generation or self._durable >= end:
                     return
@@ -191,7 +238,7 @@ class DurableBackend:
                 with self._io:
                     # Never retry: after a failed fsync the kernel may have marked the lost
                     # pages clean, so a second fsync could succeed without writing them.
-                    self._poison(f"fsync of the WAL failed ({exc})")
+                    self._poison(f"fsync of the WAL failed ({exc})", exc)
                 raise _storage_error(exc, "fsync of the WAL failed") from exc
             with self._io:
                 if self.generation == generation:
@@ -205,7 +252,7 @@ class DurableBackend:
         try:
             self.fs.fsync(self._wal_fd)
         except OSError as exc:
-            self._poison(f"fsync of the new WAL header failed ({exc})")
+            self._poison(f"fsync of the new WAL header failed ({exc})", exc)
             raise _storage_error(exc, "fsync of the WAL failed") from exc
         self._durable = self._wal_size
 
@@ -213,7 +260,7 @@ class DurableBackend:
         """fsync the WAL (a failure poisons the handle), then record the watermark in it."""
         with self._io:
             if self.poisoned is not None:
-                raise Poisoned(f"flush refused until the database is reopened: {self.poisoned}")
+                raise self._poisoned_error("flush refused")
             if self.readonly or self._durable >= self._data_end:
                 return
             ticket = (self.generation, self._wal_size)
@@ -235,18 +282,23 @@ class DurableBackend:
         return not self.readonly and self.poisoned is None and self._wal_size > self.wal_limit
 
     def compact(self, store: ColumnStore) -> None:
-        """Write a new snapshot from ``store`` and empty the WAL (see the module notes)."""
+        """Write a new snapshot from ``store``'s live rows and empty the WAL (see the module notes).
+
+        Called with the handle's writer mutex held, so ``store`` does not change meanwhile;
+        searches go on reading their versions.
+        """
         with self._io:
             self._check_writable()
             assert self._wal_fd is not None
+            ids, vectors, payloads, norms = store.live_columns()
             data = SnapshotData(
-                ids=store.ids,
-                vectors=store.backend.to_host(store.matrix),
-                payloads=store.payloads,
+                ids=ids,
+                vectors=store.backend.to_host(vectors),
+                payloads=payloads,
                 dim=store.dim,
                 generation=self.generation + 1,
                 last_seq=self.last_seq,
-                norms=store.backend.to_host(store.norms),
+                norms=store.backend.to_host(norms),
             )
             try:
                 write_snapshot(self.fs, self.tmp_path, data)  # written and fsynced
@@ -260,7 +312,7 @@ class DurableBackend:
                 # The commit point: once the rename is durable, the new snapshot is the truth.
                 self.fs.fsync_dir(self.path)
             except OSError as exc:
-                self._poison(f"fsync of the directory failed after renaming the snapshot ({exc})")
+                self._poison(f"fsync of the directory failed after renaming the snapshot ({exc})", exc)
                 raise _storage_error(exc, "fsync of the database directory failed") from exc
             self.generation += 1
             try:
@@ -269,7 +321,7 @@ class DurableBackend:
                 self.fs.ftruncate(self._wal_fd, 0)
                 self.fs.fsync(self._wal_fd)
             except OSError as exc:
-                self._poison(f"could not reset the WAL after compaction ({exc})")
+                self._poison(f"could not reset the WAL after compaction ({exc})", exc)
                 raise _storage_error(exc, "resetting the WAL failed") from exc
             self._wal_size = self._durable = self._data_end = 0
 
@@ -287,6 +339,12 @@ class DurableBackend:
                 self.compact(store)
         finally:
             self._release()
+
+    def abandon(self) -> bool:
+        """Release the files and the lock without compacting: every write is already in the WAL."""
+        held = self._wal_fd is not None or self._lock_fd is not None
+        self._release()
+        return held
 
     def _release(self) -> None:
         for fd in (self._wal_fd, self._lock_fd):
@@ -327,17 +385,10 @@ class DurableBackend:
         return report
 
 
-def _read_all(fs: FileSystem, fd: int) -> memoryview:
-    size = fs.fsize(fd)
-    chunks = []
-    pos = 0
-    while pos < size:
-        chunk = fs.pread(fd, min(size - pos, 64 << 20), pos)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        pos += len(chunk)
-    return memoryview(b"".join(chunks))
+def _wal_reader(fs: FileSystem, fd: int) -> WalReader:
+    """The WAL open at ``fd``, read in bounded pieces: opening never holds the whole log (it
+    can be larger than the data it adds), only the frame being validated or applied."""
+    return WalReader(lambda size, offset: fs.pread(fd, size, offset), fs.fsize(fd))
 
 
 def _inspect_wal(fs: FileSystem, path: str, snap_gen: int, snap_seq: int) -> dict[str, Any]:
@@ -345,25 +396,25 @@ def _inspect_wal(fs: FileSystem, path: str, snap_gen: int, snap_seq: int) -> dic
         return {"bytes": 0, "frames": 0}
     fd = fs.open(path, os.O_RDONLY)
     try:
-        buf = _read_all(fs, fd)
+        src = _wal_reader(fs, fd)
+        info: dict[str, Any] = {"bytes": src.size, "frames": 0, "torn_tail_bytes": 0}
+        if src.size < HEADER_SIZE:
+            info["torn_tail_bytes"] = src.size
+            return info
+        gen = decode_header(src.view(0, HEADER_SIZE))
+        if gen not in (snap_gen, snap_gen - 1):
+            raise Corrupt(f"WAL generation {gen} does not match the snapshot's {snap_gen}")
+        result = scan_reader(src, gen, snap_seq + 1 if gen == snap_gen else None)
     finally:
         fs.close(fd)
-    info: dict[str, Any] = {"bytes": len(buf), "frames": 0, "torn_tail_bytes": 0}
-    if len(buf) < HEADER_SIZE:
-        info["torn_tail_bytes"] = len(buf)
-        return info
-    gen = decode_header(buf)
-    if gen not in (snap_gen, snap_gen - 1):
-        raise Corrupt(f"WAL generation {gen} does not match the snapshot's {snap_gen}")
-    result = scan(buf, gen, snap_seq + 1 if gen == snap_gen else None)
     if result.bad_offset is not None and result.confirmed_after:
         raise Corrupt(
             f"WAL damaged at offset {result.bad_offset} ({result.reason}) below a durable watermark"
         )
     info.update(
         generation=gen,
-        frames=sum(f.op is not None for f in result.frames),
-        torn_tail_bytes=len(buf) - result.end if result.bad_offset is not None else 0,
+        frames=result.data_frames,
+        torn_tail_bytes=src.size - result.end if result.bad_offset is not None else 0,
     )
     return info
 
@@ -393,7 +444,7 @@ def open_durable(
     InvalidConfig, Locked, Corrupt, StorageError
         See :meth:`iqdb.Iqdb.open`.
     """
-    if sync not in ("flush", "always"):
+    if not (isinstance(sync, str) and sync in ("flush", "always")):
         raise InvalidConfig(f"sync must be 'flush' or 'always', got {sync!r}")
     if isinstance(wal_limit, bool) or not isinstance(wal_limit, int) or wal_limit <= 0:
         raise InvalidConfig(f"wal_limit must be a positive int, got {wal_limit!r}")
@@ -454,28 +505,37 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         "truncated_bytes": 0,
         "stale_wal_discarded": False,
     }
-    ops: list[Op] = []
+    fd: int | None = None
     if b.readonly:
         if fs.exists(b.wal_path):
             fd = fs.open(b.wal_path, os.O_RDONLY)
-            try:
-                ops = _recover_wal(b, _read_all(fs, fd), None)
-            finally:
-                fs.close(fd)
     else:
         created = not fs.exists(b.wal_path)
-        b._wal_fd = fs.open(b.wal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        fd = b._wal_fd = fs.open(b.wal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         if created:
             # A new file's directory entry is durable only after an fsync of the directory;
             # without it a flush() before the first compaction would fsync a file that may vanish.
             fs.fsync_dir(b.path)
-        ops = _recover_wal(b, _read_all(fs, b._wal_fd), b._wal_fd)
-    if snap is not None:
-        # Room for what the replay may add, so it never reallocates the loaded matrix.
-        extra = sum(int(op.ids.shape[0]) for op in ops if isinstance(op, UpsertOp))
-        store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms, extra=extra)
-    _replay(store, ops)
-    b.recovery["replayed"] = len(ops)
+    try:
+        # Two passes over the log, neither holding more than a frame: the first validates it
+        # (and repairs it) and counts its rows, the second decodes and applies it frame by frame.
+        src = None if fd is None else _wal_reader(fs, fd)
+        plan = None if src is None else _recover_wal(b, src, None if b.readonly else fd)
+        extra = 0 if plan is None else plan.rows
+        if snap is not None:
+            # Room for what the replay may add, so it never reallocates the loaded matrix.
+            store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms, extra=extra)
+        elif plan is not None and plan.dim is not None:
+            # No snapshot yet: the same room in an empty store (growing it would copy it).
+            empty = np.empty((0, plan.dim), dtype=np.float32)
+            store.load(np.empty(0, dtype=np.uint64), empty, [], plan.dim, extra=extra)
+        snap = None  # the replay needs only the store
+        if src is not None and plan is not None:
+            _replay(store, replay_ops(src, b.generation, plan))
+            b.recovery["replayed"] = plan.data_frames
+    finally:
+        if b.readonly and fd is not None:
+            fs.close(fd)
     if b._wal_fd is not None:
         b._wal_size = fs.fsize(b._wal_fd)
         # Whatever the last process left in the page cache is made durable now, so the
@@ -484,22 +544,34 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         b._durable = b._data_end = b._wal_size
 
 
-def _replay(store: ColumnStore, ops: list[Op]) -> None:
-    """Apply logged operations in order; runs of upserts go in as one bulk upsert."""
+_REPLAY_BATCH = 1 << 20  # bytes of logged vectors a replay merges into one bulk upsert
+
+
+def _replay(store: ColumnStore, ops: Iterator[Op]) -> None:
+    """Apply logged operations in order as they are decoded. Runs of small upserts go in as one
+    bulk upsert of up to ``_REPLAY_BATCH`` bytes (a store call per record costs more than the
+    copy); a bigger frame goes in alone, from the bytes it was read into."""
     run: list[UpsertOp] = []
-    for op in [*ops, None]:
+    size = 0
+    for op in ops:
         if isinstance(op, UpsertOp):
             if store.dim not in (None, op.vectors.shape[1]) or (
                 run and run[0].vectors.shape[1] != op.vectors.shape[1]
             ):
                 raise Corrupt(f"WAL holds a vector of dimension {op.vectors.shape[1]}, not {store.dim}")
+            if run and size + op.vectors.nbytes > _REPLAY_BATCH:
+                apply_op(store, merge_upserts(run))
+                run, size = [], 0
             run.append(op)
-            continue
-        if run:
-            apply_op(store, merge_upserts(run))
-            run = []
-        if op is not None:
+            size += op.vectors.nbytes
+        else:
+            if run:
+                apply_op(store, merge_upserts(run))
+                run, size = [], 0
             apply_op(store, op)
+        del op  # before the next frame is read: its bytes go unless the run holds them
+    if run:
+        apply_op(store, merge_upserts(run))
 
 
 def _take_lock(b: DurableBackend) -> None:
@@ -519,58 +591,60 @@ def _take_lock(b: DurableBackend) -> None:
     fs.write(fd, f"{os.getpid()}\n".encode())
 
 
-def _recover_wal(b: DurableBackend, buf: memoryview, fd: int | None) -> list[Op]:
-    """The operations in the WAL (``buf``) that the snapshot does not cover, in order; cuts a
-    torn tail and resets a stale log when ``fd`` is writable."""
+def _recover_wal(b: DurableBackend, src: WalReader, fd: int | None) -> ScanResult | None:
+    """Validate the WAL that ``src`` reads: the scan of the frames the snapshot does not cover
+    (their operations come from :func:`replay_ops`), or ``None`` when it has none. Cuts a torn
+    tail and resets a stale log when ``fd`` is writable."""
     fs = b.fs
-    if len(buf) == 0:
-        return []
-    if len(buf) < HEADER_SIZE:
+    size = src.size
+    if size == 0:
+        return None
+    if size < HEADER_SIZE:
         # The header is written and fsynced alone before any frame: a short file is a header
         # whose creation was cut off, with nothing acknowledged after it.
-        _cut(b, fd, 0, len(buf), "incomplete WAL header")
-        return []
+        _cut(b, fd, 0, size, "incomplete WAL header")
+        return None
     try:
-        gen = decode_header(buf)
+        gen = decode_header(src.view(0, HEADER_SIZE))
     except Corrupt:
         # Damage to a header with frames after it is corruption. With no frame of this or the
         # previous generation anywhere after it, it is junk in an empty log: nothing
         # acknowledged can be lost by cutting it.
-        if any(later_frame_watermarks(buf, HEADER_SIZE - 8, g) for g in (b.generation, b.generation - 1)):
+        if any(later_frame_watermarks(src, HEADER_SIZE - 8, g) for g in (b.generation, b.generation - 1)):
             raise
-        _cut(b, fd, 0, len(buf), "WAL header invalid and no frame follows")
-        return []
+        _cut(b, fd, 0, size, "WAL header invalid and no frame follows")
+        return None
     if gen == b.generation:
         stale = False
     elif gen == b.generation - 1:
         stale = True  # crash after a compaction's commit point, before the WAL reset
     else:
         raise Corrupt(f"WAL generation {gen} does not match the snapshot's generation {b.generation}")
-    result = scan(buf, gen, None if stale else b.last_seq + 1)
+    result = scan_reader(src, gen, None if stale else b.last_seq + 1)
     if result.bad_offset is not None:
         if result.confirmed_after:
             raise Corrupt(
                 f"WAL {b.wal_path!r} is damaged at offset {result.bad_offset} ({result.reason}), "
                 "and later frames show it had been made durable"
             )
-        _cut(b, fd, result.end, len(buf) - result.end, result.reason, result.later_frames)
-    if fd is not None and result.end > len(buf):
+        _cut(b, fd, result.end, size - result.end, result.reason, result.later_frames)
+    if fd is not None and result.end > size:
         # The last frame is whole but its zero padding was cut off: restore the padding, so the
         # next frame starts at the aligned offset the next scan will look at.
         fs.ftruncate(fd, result.end)
         fs.fsync(fd)
-    data_frames = [f for f in result.frames if f.op is not None]
     if stale:
-        if any(f.seq > b.last_seq for f in data_frames):
+        # Data frames are consecutive, so the last one has the highest sequence number.
+        if result.last_seq is not None and result.last_seq > b.last_seq:
             raise Corrupt("WAL of the previous generation holds writes the snapshot does not cover")
         b.recovery["stale_wal_discarded"] = True
         if fd is not None:
             fs.ftruncate(fd, 0)
             fs.fsync(fd)
-        return []
-    if data_frames:
-        b.last_seq = data_frames[-1].seq
-    return [f.op for f in data_frames if f.op is not None]
+        return None
+    if result.last_seq is not None:
+        b.last_seq = result.last_seq
+    return result
 
 
 def _cut(b: DurableBackend, fd: int | None, at: int, dropped: int, reason: str, later: int = 0) -> None:

@@ -12,6 +12,10 @@ bulk look-ups through it are a per-id Python call. Here the bulk of the map is t
 arrays (16 bytes an entry, vectorised ``searchsorted`` look-ups) and only the changes since
 the last merge live in a dict. The dict is merged into the arrays once it holds more than
 ``max(4096, n/16)`` entries, so a merge's O(n log n) is amortised to O(16 log n) per write.
+
+One writer, any number of lock-free readers: the arrays and the dict are held as one tuple that
+a merge replaces with a single attribute store, so a reader always sees a matching pair of
+sorted arrays and dict (under the GIL, one dict operation is atomic).
 """
 
 from __future__ import annotations
@@ -29,25 +33,33 @@ class IdIndex:
     """Maps uint64 ids to int64 rows; ``-1`` / ``None`` for an absent id."""
 
     def __init__(self) -> None:
-        self._keys: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)  # sorted
-        self._rows: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)  # -1: deleted since merge
-        self._delta: dict[int, int] = {}  # newer than the arrays; _GONE marks a delete
+        # (sorted keys, their rows, the dict of changes since: _GONE marks a delete)
+        self._state: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], dict[int, int]] = (
+            np.empty(0, dtype=np.uint64),
+            np.empty(0, dtype=np.int64),
+            {},
+        )
+
+    @property
+    def _keys(self) -> npt.NDArray[np.uint64]:
+        return self._state[0]
+
+    @property
+    def _delta(self) -> dict[int, int]:
+        return self._state[2]
 
     def nbytes(self) -> int:
         """Bytes held by the sorted arrays (the dict is bounded by the merge rule)."""
-        return int(self._keys.nbytes + self._rows.nbytes)
-
-    def _base_get(self, key: int) -> int:
-        i = int(np.searchsorted(self._keys, np.uint64(key)))
-        if i < self._keys.shape[0] and int(self._keys[i]) == key:
-            return int(self._rows[i])
-        return _GONE
+        keys, rows, _ = self._state
+        return int(keys.nbytes + rows.nbytes)
 
     def get(self, key: int) -> int | None:
         """The row of ``key``, or ``None``."""
-        row = self._delta.get(key)
+        keys, rows, delta = self._state
+        row = delta.get(key)
         if row is None:
-            row = self._base_get(key)
+            i = int(np.searchsorted(keys, np.uint64(key)))
+            row = int(rows[i]) if i < keys.shape[0] and int(keys[i]) == key else _GONE
         return None if row == _GONE else row
 
     def __contains__(self, key: int) -> bool:
@@ -68,14 +80,15 @@ class IdIndex:
 
     def get_many(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
         """Rows of many ids at once (``-1`` where absent), vectorised."""
+        base_keys, base_rows, delta = self._state
         rows = np.full(keys.shape[0], _GONE, dtype=np.int64)
-        if self._keys.shape[0]:
-            pos = np.searchsorted(self._keys, keys)
-            pos_c = np.minimum(pos, self._keys.shape[0] - 1)
-            hit = self._keys[pos_c] == keys
-            rows[hit] = self._rows[pos_c[hit]]
-        if self._delta:
-            dkeys, drows = self._delta_arrays()
+        if base_keys.shape[0]:
+            pos = np.searchsorted(base_keys, keys)
+            pos_c = np.minimum(pos, base_keys.shape[0] - 1)
+            hit = base_keys[pos_c] == keys
+            rows[hit] = base_rows[pos_c[hit]]
+        if delta:
+            dkeys, drows = _dict_arrays(delta)
             pos = np.searchsorted(dkeys, keys)
             pos_c = np.minimum(pos, dkeys.shape[0] - 1)
             hit = dkeys[pos_c] == keys
@@ -90,33 +103,44 @@ class IdIndex:
             self._delta.update(zip(keys.tolist(), rows.tolist()))
             self._maybe_merge()
 
+    def copy(self) -> IdIndex:
+        """An independent index with the same contents (the arrays are shared: never mutated)."""
+        new = IdIndex()
+        keys, rows, delta = self._state
+        new._state = (keys, rows, dict(delta))
+        return new
+
     def load(self, keys: npt.NDArray[np.uint64], rows: npt.NDArray[np.int64]) -> None:
         """Replace everything with these (unique) pairs."""
         order = np.argsort(keys, kind="stable")
-        self._keys = np.ascontiguousarray(keys[order], dtype=np.uint64)
-        self._rows = np.ascontiguousarray(rows[order], dtype=np.int64)
-        self._delta = {}
-
-    def _delta_arrays(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
-        dkeys = np.fromiter(self._delta.keys(), dtype=np.uint64, count=len(self._delta))
-        drows = np.fromiter(self._delta.values(), dtype=np.int64, count=len(self._delta))
-        order = np.argsort(dkeys)
-        return dkeys[order], drows[order]
+        self._state = (
+            np.ascontiguousarray(keys[order], dtype=np.uint64),
+            np.ascontiguousarray(rows[order], dtype=np.int64),
+            {},
+        )
 
     def _maybe_merge(self) -> None:
-        if len(self._delta) > max(_MIN_DELTA, self._keys.shape[0] // 16):
+        if len(self._state[2]) > max(_MIN_DELTA, self._state[0].shape[0] // 16):
             self._merge(np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64))
 
     def _merge(self, keys: npt.NDArray[np.uint64], rows: npt.NDArray[np.int64]) -> None:
         """Fold the dict and ``keys -> rows`` into the arrays; newest wins, deletes drop out."""
-        dkeys, drows = self._delta_arrays() if self._delta else (keys[:0], rows[:0])
-        all_keys = np.concatenate([self._keys, dkeys, keys])
-        all_rows = np.concatenate([self._rows, drows, rows.astype(np.int64, copy=False)])
+        base_keys, base_rows, delta = self._state
+        dkeys, drows = _dict_arrays(delta) if delta else (keys[:0], rows[:0])
+        all_keys = np.concatenate([base_keys, dkeys, keys])
+        all_rows = np.concatenate([base_rows, drows, rows.astype(np.int64, copy=False)])
         # Stable sort keeps insertion order among equal keys; the last of each run is newest.
         order = np.argsort(all_keys, kind="stable")
         sk, sr = all_keys[order], all_rows[order]
         last = np.ones(sk.shape[0], dtype=bool)
         last[:-1] = sk[1:] != sk[:-1]
         keep = last & (sr != _GONE)
-        self._keys, self._rows = sk[keep], sr[keep]
-        self._delta = {}
+        self._state = (sk[keep], sr[keep], {})
+
+
+def _dict_arrays(delta: dict[int, int]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """The dict's keys (sorted) and rows as arrays."""
+    dkeys = np.fromiter(delta.keys(), dtype=np.uint64, count=len(delta))
+    drows = np.fromiter(delta.values(), dtype=np.int64, count=len(delta))
+    order = np.argsort(dkeys)
+    return dkeys[order], drows[order]

@@ -55,7 +55,10 @@ def normalize_value(value: object, path: str, depth: int = 0) -> PayloadValue:
             _check_utf8(value, path)
         return value
     if isinstance(value, np.generic):
-        return normalize_value(value.item(), path, depth)
+        item = value.item()
+        if isinstance(item, np.generic):  # longdouble, clongdouble: no matching Python scalar
+            raise InvalidArgument(f"{_where(path)} has unsupported type {type(value).__name__}")
+        return normalize_value(item, path, depth)
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
@@ -81,14 +84,22 @@ def _check_utf8(text: str, path: str) -> None:
         raise InvalidArgument(f"{_where(path)} holds a string that cannot be encoded as UTF-8") from None
 
 
+def _check_key(key: object, path: str) -> str:
+    """``key`` as a payload key (a ``str`` that UTF-8 can encode), or raise naming ``path``."""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"{_where(path)} has a key of type {type(key).__name__}; keys must be str")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{_where(path)} has a key that cannot be encoded as UTF-8") from None
+    return str(key)
+
+
 def _normalize_mapping(mapping: Mapping[Any, Any], path: str, depth: int) -> dict[str, PayloadValue]:
     out: dict[str, PayloadValue] = {}
     for key, val in mapping.items():
-        if not isinstance(key, str):
-            raise InvalidArgument(f"{_where(path)} has a key of type {type(key).__name__}; keys must be str")
-        _check_utf8(key, path)
-        sub = f"{path}.{key}" if path else key
-        out[str(key)] = normalize_value(val, sub, depth)
+        k = _check_key(key, path)
+        out[k] = normalize_value(val, f"{path}.{k}" if path else k, depth)
     return out
 
 
@@ -146,10 +157,8 @@ class Payload(MutableMapping[str, PayloadValue]):
         return self._items[key]
 
     def __setitem__(self, key: str, value: object) -> None:
-        if not isinstance(key, str):
-            raise InvalidArgument(f"payload keys must be str, got {type(key).__name__}")
-        _check_utf8(key, "")
-        self._items[key] = normalize_value(value, key, 1)
+        k = _check_key(key, "")
+        self._items[k] = normalize_value(value, k, 1)
 
     def __delitem__(self, key: str) -> None:
         del self._items[key]
@@ -164,9 +173,16 @@ class Payload(MutableMapping[str, PayloadValue]):
         return key in self._items
 
     def insert(self, key: str, value: object) -> PayloadValue:
-        """Set ``key`` to ``value``; return the previous value or ``None``."""
-        previous = self._items.get(key)
-        self[key] = value
+        """Set ``key`` to ``value``; return the previous value or ``None``.
+
+        Raises
+        ------
+        InvalidArgument
+            ``key`` is not a ``str`` or ``value`` is not a :data:`PayloadValue`.
+        """
+        k = _check_key(key, "")  # first: an unhashable key would fail the lookup with TypeError
+        previous = self._items.get(k)
+        self._items[k] = normalize_value(value, k, 1)
         return previous
 
     def remove(self, key: str) -> PayloadValue:
@@ -228,27 +244,72 @@ def to_json_value(value: PayloadValue) -> Any:
     return value
 
 
-def from_json_value(data: Any, path: str = "") -> PayloadValue:
-    """Decode :func:`to_json_value`'s output."""
+def payload_from_json(data: Any) -> dict[str, PayloadValue]:
+    """Decode a payload (a mapping) from :func:`to_json_value`'s output, checked as
+    :class:`Payload` checks its items (key types, UTF-8, int range, nesting depth).
+
+    Raises
+    ------
+    InvalidArgument
+        Data that :func:`to_json_value` cannot have produced, or a value that is not a
+        :data:`PayloadValue`; the message names the key, never the value.
+    """
+    if isinstance(data, dict) and len(data) == 1:
+        ((tag, body),) = data.items()
+        if isinstance(tag, str) and tag in _TAGS:
+            data = body if tag == "$dict" else None
+    if not isinstance(data, dict):
+        raise InvalidArgument("payload must be a JSON object")
+    return _mapping_from_json(data, "", 0)
+
+
+_TAGS = ("$float", "$bytes", "$dict")
+
+
+def from_json_value(data: Any, path: str = "", depth: int = 0) -> PayloadValue:
+    """Decode :func:`to_json_value`'s output (a value at ``depth``, as in :func:`normalize_value`).
+
+    Raises
+    ------
+    InvalidArgument
+        As :func:`payload_from_json`.
+    """
+    if depth > _MAX_DEPTH:
+        raise InvalidArgument(f"{_where(path)} is nested deeper than {_MAX_DEPTH} levels")
     if isinstance(data, dict):
         if len(data) == 1:
             ((tag, body),) = data.items()
-            if tag == "$float":
-                if body not in ("nan", "inf", "-inf"):
-                    raise InvalidArgument(f"{_where(path)}: bad $float tag")
-                return float(body)
-            if tag == "$bytes":
-                if not isinstance(body, str):
-                    raise InvalidArgument(f"{_where(path)}: bad $bytes tag")
-                return base64.b64decode(body.encode("ascii"), validate=True)
-            if tag == "$dict":
-                if not isinstance(body, dict):
-                    raise InvalidArgument(f"{_where(path)}: bad $dict tag")
-                return {k: from_json_value(v, f"{path}.{k}") for k, v in body.items()}
-        return {k: from_json_value(v, f"{path}.{k}" if path else k) for k, v in data.items()}
+            if isinstance(tag, str) and tag in _TAGS:
+                return _tagged_from_json(tag, body, path, depth)
+        return _mapping_from_json(data, path, depth + 1)
     if isinstance(data, list):
-        return [from_json_value(v, f"{path}[{i}]") for i, v in enumerate(data)]
-    return normalize_value(data, path)
+        return [from_json_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(data)]
+    return normalize_value(data, path, depth)
+
+
+def _tagged_from_json(tag: str, body: Any, path: str, depth: int) -> PayloadValue:
+    if tag == "$float":
+        if not isinstance(body, str) or body not in ("nan", "inf", "-inf"):
+            raise InvalidArgument(f"{_where(path)}: bad $float tag")
+        return float(body)
+    if tag == "$bytes":
+        if isinstance(body, str):
+            try:
+                return base64.b64decode(body.encode("ascii"), validate=True)
+            except ValueError:  # not ASCII (UnicodeEncodeError), not base64 (binascii.Error)
+                pass
+        raise InvalidArgument(f"{_where(path)}: bad $bytes tag (not a base64 string)")
+    if not isinstance(body, dict):
+        raise InvalidArgument(f"{_where(path)}: bad $dict tag")
+    return _mapping_from_json(body, path, depth + 1)
+
+
+def _mapping_from_json(data: dict[Any, Any], path: str, depth: int) -> dict[str, PayloadValue]:
+    out: dict[str, PayloadValue] = {}
+    for key, val in data.items():
+        k = _check_key(key, path)
+        out[k] = from_json_value(val, f"{path}.{k}" if path else k, depth)
+    return out
 
 
 # --- binary form ---------------------------------------------------------------------------
@@ -314,7 +375,10 @@ def decode_payload(data: bytes | memoryview | None) -> Payload | None:
     view = memoryview(data)
     try:
         value, end = _decode_at(view, 0, 0)
-    except (struct.error, IndexError, UnicodeDecodeError, RecursionError) as exc:
+    except UnicodeDecodeError:
+        # Not `from exc`: its message quotes the offending byte, and messages never echo payloads.
+        raise Corrupt("malformed payload bytes: a string or key is not valid UTF-8") from None
+    except (struct.error, IndexError, RecursionError) as exc:
         raise Corrupt(f"malformed payload bytes: {exc}") from exc
     if end != len(view) or not isinstance(value, dict):
         raise Corrupt("malformed payload bytes: trailing data or not a mapping")

@@ -1,26 +1,40 @@
-"""The columnar in-memory store every backend searches: one dense float32 matrix and its columns.
+"""The columnar in-memory store every backend searches: append-only rows, published as versions.
 
 >>> import numpy as np
 >>> from iqdb._store import ColumnStore
 >>> from iqdb.kernels import cpu_backend
 >>> s = ColumnStore(cpu_backend())
 >>> s.upsert(np.array([5, 9], dtype=np.uint64), np.eye(2, dtype=np.float32), [None, None])
->>> len(s), s.delete(5), len(s)
-(2, True, 1)
+>>> v = s.version
+>>> s.delete_many(np.array([5], dtype=np.uint64)), len(v), len(s.version)
+(1, 2, 1)
 
-Layout: ``matrix[:n]`` (float32, C-contiguous, amortised growth by 1.2x), ``ids[:n]`` (uint64),
-``norms[:n]`` (float64 squared norms, kept in step, with float32 caches of the norm and of
-``1/|x|`` for the coarse scores), ``payloads[:n]`` (a list) and ``row_of`` (id -> row, an
-:class:`IdIndex`). At d = 128 all of it but the payloads stays under 1.3 x n x d x 4 bytes.
-A delete moves the last row into the hole, so rows ``0..n`` are always live and a search
-never skips tombstones.
+Searches never wait for writers (multi-version concurrency, as in LMDB or SQLite's WAL mode):
 
-Not thread-safe: the handle serialises writers and excludes readers while a write is applied.
+* Rows are only ever appended. A replace appends the new row and marks the old one dead; a
+  delete only marks. "Marks" means appending the row to the *dead log*, in write order.
+* Every write ends by publishing an immutable :class:`Version` with one attribute store: the
+  arrays, the number of rows visible and the length of the dead log at that point. A search
+  loads ``store.version`` once and reads nothing else, so it sees exactly the state after one
+  write: never half of an ``upsert_many``, never a record missing while it is being replaced.
+  Rows past the version's ``n`` and log entries past its count are invisible to it, and the
+  writer never changes a row below any published ``n`` (the kernel excludes the version's
+  dead rows from every tile).
+* Growth and vacuuming (dropping dead rows once they are a fifth of the rows) build a new
+  :class:`_Layout` (fresh arrays and id index) while searches go on with the old one; the old
+  layout is never written again and is freed with its last version (reference counting is the
+  grace period).
+
+``get`` and ``in`` read the newest layout's id index without a lock and retry if a write
+changed it meanwhile (a sequence lock), so they see the same state as a search started then.
+
+One writer at a time: the handle serialises writes with a mutex that readers never take.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -31,11 +45,13 @@ from ._index import IdIndex
 from ._payload import Payload
 from .kernels import ArrayBackend
 
-__all__ = ["ColumnStore", "row_norms_sq"]
+__all__ = ["ColumnStore", "Version", "row_norms_sq"]
 
 _GROWTH = 1.2
 _F32_MAX = float(np.finfo(np.float32).max)
 _MIN_CAPACITY = 16
+_VACUUM_FRACTION = 0.2  # dead rows, as a share of all rows, that trigger a vacuum
+_VACUUM_MIN = 1024  # ... and at least this many (small stores keep their dead rows longer)
 
 
 def row_norms_sq(xp: Any, block: Any, chunk: int = 8192) -> Any:
@@ -47,75 +63,216 @@ def row_norms_sq(xp: Any, block: Any, chunk: int = 8192) -> Any:
     return out
 
 
+class _Layout:
+    """One set of columns with room for ``capacity`` rows, and the id index into them.
+
+    While it is the store's current layout the writer appends rows and updates its index;
+    once replaced (growth, vacuum) it is never written again.
+    """
+
+    __slots__ = (
+        "backend",
+        "capacity",
+        "dim",
+        "ids",
+        "index",
+        "inv32",
+        "matrix",
+        "norms",
+        "norms32",
+        "payloads",
+    )
+
+    def __init__(self, backend: ArrayBackend, capacity: int, dim: int | None) -> None:
+        xp = backend.xp
+        self.backend = backend
+        self.capacity = capacity
+        self.dim = dim
+        self.matrix: Any = xp.empty((capacity, dim or 0), dtype=xp.float32)
+        self.norms: Any = xp.empty(capacity, dtype=xp.float64)
+        self.norms32: Any = xp.empty(capacity, dtype=xp.float32)
+        self.inv32: Any = xp.empty(capacity, dtype=xp.float32)
+        self.ids: npt.NDArray[np.uint64] = np.empty(capacity, dtype=np.uint64)
+        self.payloads: list[Payload | None] = []
+        self.index = IdIndex()
+
+    def nbytes(self) -> int:
+        arrays = (self.matrix, self.norms, self.norms32, self.inv32, self.ids)
+        return sum(int(a.nbytes) for a in arrays) + self.index.nbytes()
+
+
+class _DeadLog:
+    """Rows marked dead, in write order, with a cache of a sorted prefix (readers share it)."""
+
+    __slots__ = ("_sorted", "rows")
+
+    def __init__(self, capacity: int, old: _DeadLog | None = None, count: int = 0) -> None:
+        self.rows: npt.NDArray[np.int64] = np.empty(capacity, dtype=np.int64)
+        self._sorted: tuple[int, npt.NDArray[np.int64]] = (0, self.rows[:0])
+        if old is not None:
+            self.rows[:count] = old.rows[:count]
+            self._sorted = old._sorted
+
+    def sorted_prefix(self, count: int) -> npt.NDArray[np.int64]:
+        """The first ``count`` entries, sorted (never mutated afterwards: callers may keep it)."""
+        have, done = self._sorted
+        if have == count:
+            return done
+        if have < count:
+            # Two sorted runs: the stable sort (timsort for int64) merges them in linear time.
+            out = np.concatenate([done, np.sort(self.rows[have:count])])
+            out.sort(kind="stable")
+            self._sorted = (count, out)  # a race only leaves an older (still valid) cache
+            return out
+        return np.sort(self.rows[:count])
+
+
+class Version:
+    """What a search reads: the store as it was after one write. Immutable once published.
+
+    ``n`` rows of ``layout`` are visible, of which the first ``n_dead`` rows of the dead log are
+    dead; ``live`` distinct ids remain.
+    """
+
+    __slots__ = ("bounds", "layout", "live", "log", "n", "n_dead", "seq")
+
+    def __init__(
+        self,
+        layout: _Layout,
+        n: int,
+        seq: int,
+        live: int,
+        log: _DeadLog,
+        n_dead: int,
+        bounds: tuple[float, float],
+    ) -> None:
+        self.layout, self.n, self.seq, self.live = layout, n, seq, live
+        self.log, self.n_dead, self.bounds = log, n_dead, bounds
+
+    def __len__(self) -> int:
+        return self.live
+
+    @property
+    def dim(self) -> int | None:
+        return self.layout.dim
+
+    @property
+    def matrix(self) -> Any:
+        """``(n, d)`` float32 rows (dead ones included: see :meth:`dead_rows`)."""
+        return self.layout.matrix[: self.n]
+
+    @property
+    def norms(self) -> Any:
+        return self.layout.norms[: self.n]
+
+    @property
+    def norms32(self) -> Any:
+        return self.layout.norms32[: self.n]
+
+    @property
+    def inv_norms32(self) -> Any:
+        return self.layout.inv32[: self.n]
+
+    @property
+    def ids(self) -> npt.NDArray[np.uint64]:
+        return self.layout.ids[: self.n]
+
+    @property
+    def device_ids(self) -> Any:
+        be = self.layout.backend
+        return self.ids if be.xp is np else be.asarray(self.ids)
+
+    @property
+    def payloads(self) -> list[Payload | None]:
+        """Payloads by row (the list may be longer than ``n``: only rows below it are visible)."""
+        return self.layout.payloads
+
+    def dead_rows(self) -> npt.NDArray[np.int64] | None:
+        """The sorted rows below ``n`` that are dead in this version, or ``None`` if none are."""
+        return self.log.sorted_prefix(self.n_dead) if self.n_dead else None
+
+    def live_rows(self) -> npt.NDArray[np.int64]:
+        """Every visible, live row, ascending."""
+        rows = np.arange(self.n, dtype=np.int64)
+        dead = self.dead_rows()
+        return rows if dead is None else np.delete(rows, dead)
+
+
 class ColumnStore:
-    """Dense columns of the live records, on the backend's device."""
+    """The rows of one database on the backend's device, with the writer's bookkeeping.
+
+    Only the writer (one thread at a time, holding the handle's mutex) calls the methods that
+    change it; readers use :attr:`version` and :meth:`lookup`.
+    """
 
     def __init__(self, backend: ArrayBackend) -> None:
         self.backend = backend
         self.clear()
 
     def clear(self) -> None:
-        """Drop every record and the dimension (a fresh, empty store)."""
-        backend = self.backend
-        self.dim: int | None = None
-        self.n = 0
-        xp = backend.xp
-        self._matrix: Any = xp.empty((0, 0), dtype=xp.float32)
-        self._norms: Any = xp.empty(0, dtype=xp.float64)
-        self._norms32: Any = xp.empty(0, dtype=xp.float32)
-        self._inv32: Any = xp.empty(0, dtype=xp.float32)
-        self._ids: npt.NDArray[np.uint64] = np.empty(0, dtype=np.uint64)
-        self.payloads: list[Payload | None] = []
-        self.row_of = IdIndex()
-        # Bounds (not exact after deletes) on the squared norms of nonzero rows.
-        self._max_norm_sq = 0.0
-        self._min_norm_sq = float("inf")
+        """Drop every record and the dimension (a fresh, empty store), releasing the memory."""
+        self._layout = _Layout(self.backend, 0, None)
+        self._log = _DeadLog(0)
+        self.n = 0  # rows written into the current layout, live and dead
+        self.n_dead = 0  # entries of the dead log that apply to the current layout
+        self.live = 0
+        self.seq = 0
+        self._bounds = (math.inf, 0.0)  # (min, max) squared norm of the live nonzero rows
+        self._bounds_stale = False
+        # Odd from a write's first change to the published layout's index until its version
+        # is published: lock-free look-ups retry meanwhile.
+        self._changing = 0
+        self._undo: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]] | None = None
+        self.version = Version(self._layout, 0, 0, 0, self._log, 0, self._bounds)
 
-    # -- views used by search -------------------------------------------------------------
+    # -- what a search and the tests read ---------------------------------------------------
+    @property
+    def dim(self) -> int | None:
+        return self._layout.dim
+
+    @property
+    def row_of(self) -> IdIndex:
+        """The id -> newest row map of the current layout."""
+        return self._layout.index
+
     @property
     def matrix(self) -> Any:
-        """``(n, d)`` float32 view of the live rows."""
-        return self._matrix[: self.n]
+        return self._layout.matrix[: self.n]
 
     @property
     def norms(self) -> Any:
-        """``(n,)`` float64 squared norms."""
-        return self._norms[: self.n]
-
-    @property
-    def norm_bounds(self) -> tuple[float, float]:
-        """``(lower, upper)`` bounds on the squared norms of the nonzero rows."""
-        return self._min_norm_sq, self._max_norm_sq
-
-    @property
-    def norms32(self) -> Any:
-        """``(n,)`` float32 squared norms (the L2 coarse score adds them)."""
-        return self._norms32[: self.n]
-
-    @property
-    def inv_norms32(self) -> Any:
-        """``(n,)`` float32 ``1/|x|`` (``inf`` for a zero row; the COSINE coarse score)."""
-        return self._inv32[: self.n]
+        return self._layout.norms[: self.n]
 
     @property
     def ids(self) -> npt.NDArray[np.uint64]:
-        """``(n,)`` uint64 ids on the host."""
-        return self._ids[: self.n]
+        return self._layout.ids[: self.n]
 
     @property
-    def device_ids(self) -> Any:
-        """``(n,)`` uint64 ids on the device (the same array on the CPU)."""
-        if self.backend.xp is np:
-            return self._ids[: self.n]
-        return self.backend.asarray(self._ids[: self.n])
+    def payloads(self) -> list[Payload | None]:
+        return self._layout.payloads
 
     def __len__(self) -> int:
-        return self.n
+        return self.live
 
     def nbytes(self) -> int:
-        """Bytes held by the columns and the id index (everything but the payload objects)."""
-        arrays = (self._matrix, self._norms, self._norms32, self._inv32, self._ids)
-        return sum(int(a.nbytes) for a in arrays) + self.row_of.nbytes()
+        """Bytes held by the columns, the dead log and the id index (not the payload objects)."""
+        return self._layout.nbytes() + int(self._log.rows.nbytes)
+
+    def lookup(self, rid: int) -> tuple[Version, int] | None:
+        """The published version and the row holding ``rid`` in it, or ``None`` if absent.
+
+        Lock-free: a write that changes the index meanwhile is seen (a sequence lock) and the
+        look-up is repeated.
+        """
+        while True:
+            before = self._changing
+            v = self.version
+            if before & 1:
+                _yield()
+                continue
+            row = v.layout.index.get(rid)
+            if self._changing == before and self.version is v:
+                return None if row is None else (v, row)
 
     # -- checks ---------------------------------------------------------------------------
     def check_dim(self, d: int) -> None:
@@ -124,33 +281,10 @@ class ColumnStore:
             raise DimensionMismatch(left=d, right=self.dim)
 
     # -- writes ---------------------------------------------------------------------------
-    def _reserve(self, extra: int, d: int) -> None:
-        need = self.n + extra
-        if self.dim is None:
-            self.dim = d
-        cap = int(self._matrix.shape[0]) if self._matrix.shape[1] == d else 0
-        if need <= cap:
-            return
-        new_cap = max(_MIN_CAPACITY, int(cap * _GROWTH), need)
-        xp = self.backend.xp
-        matrix = xp.empty((new_cap, d), dtype=xp.float32)
-        norms = xp.empty(new_cap, dtype=xp.float64)
-        norms32 = xp.empty(new_cap, dtype=xp.float32)
-        inv32 = xp.empty(new_cap, dtype=xp.float32)
-        ids = np.empty(new_cap, dtype=np.uint64)
-        if self.n:
-            matrix[: self.n] = self._matrix[: self.n]
-            norms[: self.n] = self._norms[: self.n]
-            norms32[: self.n] = self._norms32[: self.n]
-            inv32[: self.n] = self._inv32[: self.n]
-            ids[: self.n] = self._ids[: self.n]
-        self._matrix, self._norms, self._ids = matrix, norms, ids
-        self._norms32, self._inv32 = norms32, inv32
-
     def upsert(
         self, ids: npt.NDArray[np.uint64], vectors: npt.NDArray[np.float32], payloads: list[Payload | None]
     ) -> None:
-        """Insert or replace rows. ``ids`` must be unique; inputs already validated."""
+        """Insert or replace rows and publish. ``ids`` unique; inputs already validated."""
         m = int(ids.shape[0])
         if m == 0:
             return
@@ -160,90 +294,223 @@ class ColumnStore:
             self._upsert_one(int(ids[0]), vectors[0], payloads[0])
             return
         xp = self.backend.xp
-        rows = self.row_of.get_many(ids)
-        existing = rows >= 0
-        fresh = np.flatnonzero(~existing)
-        self._reserve(int(fresh.shape[0]), d)
-        new_rows = np.arange(self.n, self.n + fresh.shape[0], dtype=np.int64)
-        rows[fresh] = new_rows
         dev_vectors = self.backend.asarray(vectors)
         norms = row_norms_sq(xp, dev_vectors)
-        if fresh.shape[0] == m:
-            # All new (the bulk-load case): one block copy at the end of the matrix.
-            where: Any = slice(self.n, self.n + m)
-        else:
-            where = self.backend.asarray(rows)
-        self._matrix[where] = dev_vectors
-        self._set_norms(where, norms)
-        self._ids[rows] = ids
-        self.row_of.set_many(ids[fresh], new_rows)
-        if fresh.shape[0] == m:
-            self.payloads.extend(payloads)
-        else:
-            self.payloads.extend([None] * int(fresh.shape[0]))
-            for row, payload in zip(rows.tolist(), payloads):
-                self.payloads[row] = payload
-        self.n += int(fresh.shape[0])
+        self._reserve(m, d)
+        L = self._layout
+        old = L.index.get_many(ids)
+        replaced = old[old >= 0]
+        start = self.n
+        where = slice(start, start + m)
+        L.matrix[where] = dev_vectors
+        self._set_norms(L, where, norms)
+        L.ids[where] = ids
+        L.payloads.extend(payloads)
+        self.n = start + m
+        self._begin(ids, old)
+        L.index.set_many(ids, np.arange(start, start + m, dtype=np.int64))
+        self._kill(replaced)
+        self.live += m - int(replaced.shape[0])
+        self._publish()
 
     def _upsert_one(self, rid: int, vector: npt.NDArray[np.float32], payload: Payload | None) -> None:
         """The single-record write path, without array bookkeeping."""
         v64 = vector.astype(np.float64)
         nsq = float(np.dot(v64, v64))
-        row = self.row_of.get(rid)
-        if row is None:
-            self._reserve(1, int(vector.shape[0]))
-            row = self.n
-            self.row_of.set(rid, row)
-            self.payloads.append(payload)
-            self._ids[row] = rid
-            self.n += 1
-        else:
-            self.payloads[row] = payload
-        self._matrix[row] = self.backend.asarray(vector)
-        self._norms[row] = nsq
+        self._reserve(1, int(vector.shape[0]))
+        L = self._layout
+        row = self.n
+        L.matrix[row] = self.backend.asarray(vector)
+        L.norms[row] = nsq
         # float32 caches, clamped: rows beyond float32's range make search score in float64.
-        self._norms32[row] = min(nsq, _F32_MAX)
-        self._inv32[row] = min(1.0 / math.sqrt(nsq), _F32_MAX) if nsq > 0 else math.inf
+        L.norms32[row] = min(nsq, _F32_MAX)
+        L.inv32[row] = min(1.0 / math.sqrt(nsq), _F32_MAX) if nsq > 0 else math.inf
+        L.ids[row] = rid
+        L.payloads.append(payload)
+        self.n = row + 1
         if nsq > 0:
-            self._max_norm_sq = max(self._max_norm_sq, nsq)
-            self._min_norm_sq = min(self._min_norm_sq, nsq)
-
-    def _set_norms(self, where: Any, norms: Any) -> None:
-        xp = self.backend.xp
-        self._norms[where] = norms
-        # Extreme rows overflow these float32 caches; search then scores in float64 (see
-        # norm_bounds), so the overflow is expected and harmless.
-        with np.errstate(divide="ignore", over="ignore"):
-            self._norms32[where] = norms.astype(xp.float32)
-            self._inv32[where] = (1.0 / xp.sqrt(norms)).astype(xp.float32)
-        if norms.shape[0]:
-            positive = norms[norms > 0]
-            self._max_norm_sq = max(self._max_norm_sq, float(xp.max(norms)))
-            if positive.shape[0]:
-                self._min_norm_sq = min(self._min_norm_sq, float(xp.min(positive)))
-
-    def delete(self, rid: int) -> bool:
-        """Remove one id; the last row moves into the hole. ``False`` if absent."""
-        row = self.row_of.pop(rid)
-        if row is None:
-            return False
-        last = self.n - 1
-        if row != last:
-            self._matrix[row] = self._matrix[last]
-            self._norms[row] = self._norms[last]
-            self._norms32[row] = self._norms32[last]
-            self._inv32[row] = self._inv32[last]
-            moved = int(self._ids[last])
-            self._ids[row] = moved
-            self.payloads[row] = self.payloads[last]
-            self.row_of.set(moved, row)
-        self.payloads.pop()
-        self.n = last
-        return True
+            lo, hi = self._bounds
+            if nsq < lo or nsq > hi:
+                self._bounds = (min(lo, nsq), max(hi, nsq))
+        old = L.index.get(rid)
+        self._begin(ids_of(rid), np.array([-1 if old is None else old], dtype=np.int64))
+        L.index.set(rid, row)
+        if old is None:
+            self.live += 1
+        else:
+            self._kill_one(old)
+        self._publish()
 
     def delete_many(self, ids: npt.NDArray[np.uint64]) -> int:
-        """Remove every listed id that is present; returns how many were removed."""
-        return sum(self.delete(rid) for rid in ids.tolist())
+        """Remove every listed id that is present and publish; returns how many were removed."""
+        self._maybe_vacuum()
+        L = self._layout
+        if ids.shape[0] == 1:
+            row = L.index.get(int(ids[0]))
+            found = np.array([-1 if row is None else row], dtype=np.int64)
+        else:
+            found = L.index.get_many(ids)
+        present = found >= 0
+        gone, gone_ids = found[present], ids[present]
+        if gone.shape[0] == 0:
+            return 0
+        self._begin(gone_ids, gone)
+        for rid in gone_ids.tolist():
+            L.index.pop(rid)
+        self._kill(gone)
+        self.live -= int(gone.shape[0])
+        self._publish()
+        return int(gone.shape[0])
+
+    def delete(self, rid: int) -> bool:
+        """Remove one id; ``False`` if absent."""
+        return self.delete_many(ids_of(rid)) == 1
+
+    def _begin(self, ids: npt.NDArray[np.uint64], old_rows: npt.NDArray[np.int64]) -> None:
+        """The index is about to map ``ids`` away from ``old_rows`` (-1: absent): remember how
+        to undo it, and if searches can see this layout, make lock-free look-ups wait until the
+        version is published (see :meth:`lookup`)."""
+        self._undo = (ids, old_rows)
+        if self._layout is self.version.layout and not self._changing & 1:
+            self._changing += 1
+
+    def rollback(self) -> None:
+        """Undo a write that failed midway: back to the published version's state."""
+        v = self.version
+        if self._layout is v.layout:
+            L = self._layout
+            del L.payloads[v.n :]
+            if self._undo is not None:
+                ids, old_rows = self._undo
+                back = old_rows >= 0
+                for rid in ids[~back].tolist():
+                    L.index.pop(rid)
+                L.index.set_many(ids[back], old_rows[back])
+        else:
+            self._layout = v.layout  # a new layout built by the failed write is dropped
+        self._log, self.n, self.n_dead, self.live = v.log, v.n, v.n_dead, v.live
+        self._bounds, self._bounds_stale, self._undo = v.bounds, False, None
+        if self._changing & 1:
+            self._changing += 1
+
+    def _kill_one(self, row: int) -> None:
+        log = self._log
+        if self.n_dead == log.rows.shape[0]:
+            log = self._log = _DeadLog(max(64, int(self.n_dead * 1.5)), log, self.n_dead)
+        log.rows[self.n_dead] = row
+        self.n_dead += 1
+        nsq = float(self._layout.norms[row])
+        if nsq > 0 and nsq in self._bounds:
+            self._bounds_stale = True
+
+    def _kill(self, rows: npt.NDArray[np.int64]) -> None:
+        """Mark rows dead (appends them to the dead log)."""
+        k = int(rows.shape[0])
+        if k == 0:
+            return
+        if k == 1:
+            self._kill_one(int(rows[0]))
+            return
+        log = self._log
+        if self.n_dead + k > log.rows.shape[0]:
+            log = self._log = _DeadLog(max(64, int((self.n_dead + k) * 1.5)), log, self.n_dead)
+        log.rows[self.n_dead : self.n_dead + k] = rows
+        self.n_dead += k
+        killed = self.backend.to_host(self._layout.norms[self.backend.asarray(rows)])
+        lo, hi = self._bounds
+        if bool(np.any((killed > 0) & ((killed <= lo) | (killed >= hi)))):
+            self._bounds_stale = True
+
+    def _publish(self) -> None:
+        """Make the writes so far visible to searches (one attribute store)."""
+        if self._bounds_stale:
+            self._bounds = self._live_bounds()
+            self._bounds_stale = False
+        self.seq += 1
+        self.version = Version(
+            self._layout, self.n, self.seq, self.live, self._log, self.n_dead, self._bounds
+        )
+        self._undo = None
+        if self._changing & 1:
+            self._changing += 1
+
+    def _maybe_vacuum(self) -> None:
+        """Drop the dead rows once they are a fifth of the rows, before a write changes anything
+        (so look-ups never wait for a vacuum)."""
+        if self.n_dead > max(_VACUUM_MIN, _VACUUM_FRACTION * self.n):
+            self.vacuum()
+
+    def _live_bounds(self) -> tuple[float, float]:
+        """Exact (min, max) of the live rows' nonzero squared norms (after an extreme row died)."""
+        norms = self.backend.to_host(self._layout.norms[: self.n])
+        if self.n_dead:
+            norms = np.delete(norms, self._log.rows[: self.n_dead])
+        positive = norms[norms > 0]
+        if positive.shape[0] == 0:
+            return (math.inf, 0.0)
+        return (float(positive.min()), float(positive.max()))
+
+    def _set_norms(self, L: _Layout, where: Any, norms: Any) -> None:
+        xp = self.backend.xp
+        L.norms[where] = norms
+        # Extreme rows overflow these float32 caches; search then scores in float64 (see
+        # bounds), so the overflow is expected and harmless.
+        with np.errstate(divide="ignore", over="ignore"):
+            L.norms32[where] = norms.astype(xp.float32)
+            L.inv32[where] = (1.0 / xp.sqrt(norms)).astype(xp.float32)
+        if norms.shape[0]:
+            positive = norms[norms > 0]
+            if positive.shape[0]:
+                lo, hi = self._bounds
+                self._bounds = (min(lo, float(xp.min(positive))), max(hi, float(xp.max(positive))))
+
+    def _reserve(self, extra: int, d: int) -> None:
+        """Room for ``extra`` more rows in the current layout; a new (vacuumed) layout if not."""
+        self._maybe_vacuum()
+        L = self._layout
+        if L.dim is not None and self.n + extra <= L.capacity:
+            return
+        live = self.n - self.n_dead
+        cap = max(_MIN_CAPACITY, int(max(L.capacity, live) * _GROWTH), live + extra)
+        self._relayout(cap, d)
+
+    def vacuum(self) -> None:
+        """Copy the live rows into a fresh layout (no dead rows), as the writer."""
+        if self.n_dead or self._layout.capacity > max(_MIN_CAPACITY, int(self.live * 1.5)):
+            self._relayout(max(_MIN_CAPACITY, int(self.live * 1.0625)), self.dim or 0)
+
+    def _relayout(self, cap: int, d: int) -> None:
+        """Move the live rows, in order, to a new layout of ``cap`` rows; the old one is left as
+        it is for the searches that still read it."""
+        old, xp = self._layout, self.backend.xp
+        new = _Layout(self.backend, cap, d if old.dim is None else old.dim)
+        if self.n_dead:
+            keep = np.ones(self.n, dtype=bool)
+            keep[self._log.rows[: self.n_dead]] = False
+            rows = np.flatnonzero(keep)
+            dev_rows = self.backend.asarray(rows)
+            k = int(rows.shape[0])
+            xp.take(old.matrix[: self.n], dev_rows, axis=0, out=new.matrix[:k])
+            for a, b in ((new.norms, old.norms), (new.norms32, old.norms32), (new.inv32, old.inv32)):
+                a[:k] = b[dev_rows]
+            new.ids[:k] = old.ids[rows]
+            new.payloads = [old.payloads[r] for r in rows.tolist()]
+            new.index.load(new.ids[:k], np.arange(k, dtype=np.int64))
+            self.n, self.n_dead = k, 0
+            self._log = _DeadLog(0)
+        elif self.n:
+            k = self.n
+            for a, b in (
+                (new.matrix, old.matrix),
+                (new.norms, old.norms),
+                (new.norms32, old.norms32),
+                (new.inv32, old.inv32),
+                (new.ids, old.ids),
+            ):
+                a[:k] = b[:k]
+            new.payloads = list(old.payloads[:k])
+            new.index = old.index.copy()
+        self._layout = new
 
     def load(
         self,
@@ -255,32 +522,43 @@ class ColumnStore:
         headroom: float = 1.0625,
         extra: int = 0,
     ) -> None:
-        """Replace the contents with whole columns (snapshot load): one block copy, no per-row work
-        on the vectors. ``extra`` rows of room are reserved for writes known to follow."""
+        """Replace the contents with whole columns (snapshot load) and publish: one block copy,
+        no per-row work on the vectors. ``extra`` rows of room are reserved for writes known to
+        follow."""
+        self.clear()
         n = int(ids.shape[0])
-        self.dim = dim
         xp = self.backend.xp
         cap = max(_MIN_CAPACITY, int(n * headroom) + extra) if dim is not None else 0
-        d = dim or 0
-        self._matrix = xp.empty((cap, d), dtype=xp.float32)
-        self._matrix[:n] = self.backend.asarray(matrix)
-        live = self._matrix[:n]
-        self._norms = xp.empty(cap, dtype=xp.float64)
-        self._norms32 = xp.empty(cap, dtype=xp.float32)
-        self._inv32 = xp.empty(cap, dtype=xp.float32)
-        self._max_norm_sq, self._min_norm_sq = 0.0, float("inf")
+        L = self._layout = _Layout(self.backend, cap, dim)
+        L.matrix[:n] = self.backend.asarray(matrix)
         if n:
+            live = L.matrix[:n]
             self._set_norms(
-                slice(0, n), row_norms_sq(xp, live) if norms is None else self.backend.asarray(norms)
+                L, slice(0, n), row_norms_sq(xp, live) if norms is None else self.backend.asarray(norms)
             )
-        self._ids = np.empty(cap, dtype=np.uint64)
-        self._ids[:n] = ids
-        self.payloads = list(payloads)
-        self.row_of = IdIndex()
-        self.row_of.load(np.asarray(ids, dtype=np.uint64), np.arange(n, dtype=np.int64))
-        self.n = n
+        L.ids[:n] = ids
+        L.payloads = list(payloads)
+        L.index.load(np.asarray(ids, dtype=np.uint64), np.arange(n, dtype=np.int64))
+        self.n = self.live = n
+        self._publish()
+
+    def live_columns(self) -> tuple[npt.NDArray[np.uint64], Any, list[Payload | None], Any]:
+        """``(ids, vectors, payloads, norms)`` of the live rows (vacuums first), for a snapshot."""
+        if self.n_dead:
+            self.vacuum()
+            self._publish()
+        L = self._layout
+        return L.ids[: self.n], L.matrix[: self.n], L.payloads[: self.n], L.norms[: self.n]
 
     # -- reads ----------------------------------------------------------------------------
     def vector_of(self, row: int) -> npt.NDArray[np.float32]:
-        """A host copy of one row."""
-        return np.array(self.backend.to_host(self._matrix[row]), dtype=np.float32, copy=True)
+        """A host copy of one row of the current layout."""
+        return np.array(self.backend.to_host(self._layout.matrix[row]), dtype=np.float32, copy=True)
+
+
+def ids_of(rid: int) -> npt.NDArray[np.uint64]:
+    return np.array([rid], dtype=np.uint64)
+
+
+def _yield() -> None:
+    time.sleep(0)

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._errors import DimensionMismatch, InvalidArgument, InvalidVector
-from ._payload import Payload, coerce_payload, from_json_value, to_json_value, values_equal
+from ._payload import Payload, coerce_payload, payload_from_json, to_json_value, values_equal
 from .kernels import exact_scores
 
 __all__ = ["DistanceMetric", "Record", "RecordId", "SearchResult", "Vector", "as_matrix", "as_vector_array"]
@@ -44,7 +44,9 @@ class RecordId(int):
     def __new__(cls, n: object) -> RecordId:
         if isinstance(n, RecordId):
             return n
-        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        # np.timedelta64 is an np.integer to NumPy, but a duration is no id (and int() of one
+        # in days, or of NaT, raises TypeError).
+        if isinstance(n, (bool, np.bool_, np.timedelta64)) or not isinstance(n, (int, np.integer)):
             raise InvalidArgument(f"record id must be an integer, got {type(n).__name__}")
         value = int(n)
         if not 0 <= value < _ID_MAX:
@@ -67,17 +69,21 @@ class RecordId(int):
 
 
 def as_vector_array(data: object) -> npt.NDArray[np.float32]:
-    """Validate ``data`` as one vector and return it as a 1-D float32 array (no copy when possible).
+    """Validate ``data`` as one vector; a 1-D float32 array no caller can write to.
+
+    The array is a private copy (a :class:`Vector`'s own read-only buffer for a ``Vector``),
+    made before the checks: a thread that changes the caller's array meanwhile cannot slip a
+    NaN past them.
 
     Raises
     ------
     InvalidVector
         Empty, non-finite, not 1-D or not numeric.
     """
-    arr = _to_numpy(data)
+    arr, private = _to_numpy(data)
     if arr.ndim != 1:
         raise InvalidVector(f"vector must be 1-D, got an array of shape {arr.shape}")
-    arr = _check_numeric(arr)
+    arr = _private_float32(arr, private)
     if arr.shape[0] == 0:
         raise InvalidVector("vector is empty")
     if not np.isfinite(arr).all():
@@ -86,9 +92,11 @@ def as_vector_array(data: object) -> npt.NDArray[np.float32]:
 
 
 def as_matrix(data: object, what: str = "vectors") -> npt.NDArray[np.float32]:
-    """Validate ``data`` as an ``(m, d)`` stack of vectors; a C-contiguous float32 array.
+    """Validate ``data`` as an ``(m, d)`` stack of vectors; a private C-contiguous float32 array.
 
-    Accepts an ``(m, d)`` array or a sequence of vectors (``Vector``s, lists or arrays).
+    Accepts an ``(m, d)`` array or a sequence of vectors (``Vector``s, lists or arrays). The
+    result never shares memory with the caller's data, and the checks run on it, not on the
+    caller's buffer (see :func:`as_vector_array`).
 
     Raises
     ------
@@ -102,10 +110,10 @@ def as_matrix(data: object, what: str = "vectors") -> npt.NDArray[np.float32]:
         if len(dims) != 1:
             raise InvalidVector(f"{what} have different dimensions: {sorted(dims)}")
         return np.stack([v._data for v in data])
-    arr = _to_numpy(data)
+    arr, private = _to_numpy(data)
     if arr.ndim != 2:
         raise InvalidVector(f"{what} must be 2-D (one vector per row), got an array of shape {arr.shape}")
-    arr = np.ascontiguousarray(_check_numeric(arr))
+    arr = _private_float32(arr, private)
     if arr.shape[1] == 0 and arr.shape[0] > 0:
         raise InvalidVector("vector is empty")
     if not all(np.isfinite(arr[r0 : r0 + 65536]).all() for r0 in range(0, arr.shape[0], 65536)):
@@ -114,31 +122,37 @@ def as_matrix(data: object, what: str = "vectors") -> npt.NDArray[np.float32]:
     return arr
 
 
-def _to_numpy(data: object) -> np.ndarray[Any, Any]:
+def _to_numpy(data: object) -> tuple[np.ndarray[Any, Any], bool]:
+    """``data`` as a NumPy array, and whether that array is private: built here from a list or
+    tuple, or fetched from a device, or a Vector's immutable buffer (so no caller writes to it)."""
     if isinstance(data, Vector):
-        return data._data
+        return data._data, True
     if isinstance(data, np.ndarray):
-        return data
+        return data, False
     if isinstance(data, (str, bytes, bytearray, Mapping)):
         raise InvalidVector(f"vector data must be numeric, got {type(data).__name__}")
     if not hasattr(data, "__array__") and hasattr(data, "__dlpack__"):
         try:
-            return np.from_dlpack(data)
+            return np.from_dlpack(data), False
         except (TypeError, RuntimeError, BufferError):
             pass
     if hasattr(data, "get") and type(data).__module__.startswith("cupy"):
-        return np.asarray(data.get())
+        return np.asarray(data.get()), True
     try:
-        return np.asarray(data)
+        # np.asarray builds a new array from a list or tuple, but may view anything else.
+        return np.asarray(data), isinstance(data, (list, tuple))
     except (ValueError, TypeError) as exc:
         raise InvalidVector(f"vector data is not a regular numeric array ({exc})") from None
 
 
-def _check_numeric(arr: np.ndarray[Any, Any]) -> npt.NDArray[np.float32]:
+def _private_float32(arr: np.ndarray[Any, Any], private: bool) -> npt.NDArray[np.float32]:
+    """A C-contiguous float32 array with ``arr``'s values that no caller holds: the conversion
+    itself when the dtype differs, else one copy, unless ``arr`` is ``private`` already."""
     if arr.dtype.kind not in "iuf":
         raise InvalidVector(f"vector data must be real numbers, got dtype {arr.dtype}")
     with np.errstate(over="ignore"):
-        return arr.astype(np.float32, copy=False)
+        # subok=False: a plain ndarray, whatever subclass came in.
+        return arr.astype(np.float32, order="C", subok=False, copy=not private)
 
 
 class Vector:
@@ -165,8 +179,7 @@ class Vector:
         if isinstance(data, Vector):
             self._data = data._data
         else:
-            arr = as_vector_array(data)
-            arr = np.array(arr, dtype=np.float32, copy=True)
+            arr = as_vector_array(data)  # a private copy, checked
             arr.flags.writeable = False
             self._data = arr
         self._hash: int | None = None
@@ -241,7 +254,17 @@ def _vector_from_bytes(raw: bytes) -> Vector:
     return Vector._trusted(np.frombuffer(raw, dtype="<f4").astype(np.float32))
 
 
-class DistanceMetric(str, enum.Enum):
+class _MetricType(enum.EnumMeta):
+    def __call__(cls, value: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        # Enum's lookup compares an unhashable value with each member's value, and an object
+        # whose == is elementwise (a NumPy array) then raises ValueError; no member is anything
+        # but a str, so refuse the rest before the lookup.
+        if not args and not kwargs and not isinstance(value, str):
+            raise _unknown_metric(value)
+        return super().__call__(value, *args, **kwargs)
+
+
+class DistanceMetric(str, enum.Enum, metaclass=_MetricType):
     """Distance metrics. Scores are distances: smaller is closer.
 
     ``L2`` is the Euclidean distance; ``COSINE`` is ``1 - cos(a, b)`` (NaN when either vector is
@@ -268,11 +291,22 @@ class DistanceMetric(str, enum.Enum):
             raise DimensionMismatch(left=int(va.shape[0]), right=int(vb.shape[0]))
         return float(exact_scores(np, self.value, va, vb))
 
+    @classmethod
+    def _missing_(cls, value: object) -> DistanceMetric:
+        # DistanceMetric("bogus") raises InvalidArgument (still a ValueError), as the API does.
+        raise _unknown_metric(value)
+
     def __str__(self) -> str:
         return self.value
 
     def __repr__(self) -> str:
         return f"DistanceMetric.{self.name}"
+
+
+def _unknown_metric(metric: object) -> InvalidArgument:
+    # Only a string is echoed: the repr of anything else may be huge, or recurse without end.
+    given = repr(metric[:40]) if isinstance(metric, str) else f"of type {type(metric).__name__}"
+    return InvalidArgument(f"unknown metric {given}; expected one of 'l2', 'cosine', 'dot'")
 
 
 def coerce_metric(metric: object) -> DistanceMetric:
@@ -290,23 +324,27 @@ def coerce_metric(metric: object) -> DistanceMetric:
             return DistanceMetric(metric.lower())
         except ValueError:
             pass
-    raise InvalidArgument(f"unknown metric {metric!r}; expected one of 'l2', 'cosine', 'dot'")
+    raise _unknown_metric(metric)
 
 
-def _float_from_json(x: Any) -> float:
-    value = from_json_value(x)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise InvalidArgument("expected a number")
-    return float(value)
+def _score_from_json(x: Any) -> Any:
+    """A score from JSON: a ``{"$float": ...}`` tag decoded, anything else as it is (the
+    result's constructor checks it)."""
+    if isinstance(x, dict) and len(x) == 1 and "$float" in x:
+        tag = x["$float"]
+        if not isinstance(tag, str) or tag not in ("nan", "inf", "-inf"):
+            raise InvalidArgument("score: bad $float tag")
+        return float(tag)
+    return x
 
 
 def _payload_from_json(data: Any) -> Payload | None:
-    if data is None:
-        return None
-    value = from_json_value(data)
-    if not isinstance(value, dict):
-        raise InvalidArgument("payload must be a JSON object")
-    return Payload._trusted(value)
+    return None if data is None else Payload._trusted(payload_from_json(data))
+
+
+def _check_mapping(data: object, what: str) -> None:
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(f"{what} data must be a mapping, got {type(data).__name__}")
 
 
 @dataclass(frozen=True, slots=True, eq=False, init=False)
@@ -385,6 +423,7 @@ class Record:
         InvalidArgument
             Missing keys or malformed values.
         """
+        _check_mapping(data, "record")
         try:
             return cls(data["id"], data["vector"], _payload_from_json(data.get("payload")))
         except KeyError as exc:
@@ -417,7 +456,10 @@ class SearchResult:
             real = isinstance(score, (int, float, np.integer, np.floating))
             if isinstance(score, (bool, np.bool_)) or not real:
                 raise InvalidArgument(f"score must be a real number, got {type(score).__name__}")
-            object.__setattr__(self, "score", float(score))
+            try:
+                object.__setattr__(self, "score", float(score))
+            except OverflowError:  # an int beyond the float range
+                raise InvalidArgument("score is an integer too large for a float") from None
         if self.payload is not None and type(self.payload) is not Payload:
             object.__setattr__(self, "payload", coerce_payload(self.payload))
 
@@ -453,9 +495,10 @@ class SearchResult:
         InvalidArgument
             Missing keys or malformed values.
         """
+        _check_mapping(data, "result")
         try:
             return cls(
-                RecordId(data["id"]), _float_from_json(data["score"]), _payload_from_json(data.get("payload"))
+                RecordId(data["id"]), _score_from_json(data["score"]), _payload_from_json(data.get("payload"))
             )
         except KeyError as exc:
             raise InvalidArgument(f"result data lacks key {exc.args[0]!r}") from None

@@ -31,12 +31,16 @@ watermark visible even when no write follows a flush.
 
 from __future__ import annotations
 
+import math
 import struct
+import sys
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
+import numpy.typing as npt
 
 from ._backend import DeleteOp, Op, UpsertOp
 from ._errors import Corrupt
@@ -49,13 +53,16 @@ __all__ = [
     "Frame",
     "Parts",
     "ScanResult",
+    "WalReader",
     "decode_header",
     "encode_frame",
     "encode_frame_parts",
     "encode_header",
     "encode_sync",
     "later_frame_watermarks",
+    "replay_ops",
     "scan",
+    "scan_reader",
 ]
 
 MAGIC = b"IQDBWAL\0"
@@ -68,6 +75,8 @@ _NO_PAYLOAD = 0xFFFFFFFF
 _HEADER = struct.Struct("<8sIIQI")  # magic, version, header size, generation, reserved (28 bytes)
 _FRAME = struct.Struct("<IBBHIIQQQ")  # header_crc .. synced_upto (40 bytes)
 _COUNTS = struct.Struct("<II")
+READ_BLOCK = 1 << 20  # bytes a WalReader reads at a time for small frames
+_LITTLE = sys.byteorder == "little"  # frame arrays are then usable in place, without a copy
 
 
 def _crc(data: bytes | memoryview, seed: int) -> int:
@@ -153,32 +162,123 @@ def encode_sync(seq: int, generation: int, synced_upto: int) -> bytes:
     return b"".join(_frame(T_SYNC, [], seq, generation, synced_upto))
 
 
-def _decode_body(kind: int, body: memoryview) -> Op:
+_CHECK, _BUILD = 1, 2  # what reading a frame does with its body: validate it, decode its operation
+
+
+def _decode_body(kind: int, body: memoryview, mode: int = _CHECK | _BUILD) -> Op | None:
+    """The operation in a frame body (``None`` without ``_BUILD``). Its arrays are read-only
+    views into ``body`` (no copy on little-endian machines): the store copies them in, so a
+    replay holds one frame, not two. Without ``_CHECK`` the vectors are not checked for
+    non-finite values (the frame was validated before and its checksum still matches).
+
+    Raises
+    ------
+    Corrupt, ValueError, struct.error
+        The body is malformed.
+    """
     count, dim = _COUNTS.unpack_from(body, 0)
     pos = _COUNTS.size
-    ids = np.frombuffer(body, dtype="<u8", count=count, offset=pos).astype(np.uint64)
+    if mode & _BUILD:
+        ids = np.frombuffer(body, dtype="<u8", count=count, offset=pos)
+        if not _LITTLE:
+            ids = ids.astype(np.uint64)
+    elif 8 * count > len(body) - pos:
+        raise ValueError("buffer is smaller than requested size")  # as np.frombuffer says it
     pos += 8 * count
     if kind == T_DELETE:
         if pos != len(body):
             raise Corrupt("DELETE frame has trailing bytes")
-        return DeleteOp(ids)
-    vectors = np.frombuffer(body, dtype="<f4", count=count * dim, offset=pos).astype(np.float32)
-    vectors = vectors.reshape(count, dim)
+        return DeleteOp(ids) if mode & _BUILD else None
+    flat = np.frombuffer(body, dtype="<f4", count=count * dim, offset=pos)
+    if not _LITTLE:
+        flat = flat.astype(np.float32)
     pos += 4 * count * dim
-    lengths = np.frombuffer(body, dtype="<u4", count=count, offset=pos)
-    pos += 4 * count
-    payloads: list[Payload | None] = []
-    for n in lengths.tolist():
-        if n == _NO_PAYLOAD:
-            payloads.append(None)
-            continue
-        if pos + n > len(body):
-            raise Corrupt("UPSERT frame payload runs past the body")
-        payloads.append(decode_payload(body[pos : pos + n]))
-        pos += n
-    if pos != len(body) or (count and dim == 0) or not np.isfinite(vectors).all():
+    payloads: list[Payload | None]
+    if body[pos : pos + 4 * count] == b"\xff" * (4 * count):  # the common case: no payloads
+        pos += 4 * count
+        payloads = [None] * count
+    else:
+        lengths = np.frombuffer(body, dtype="<u4", count=count, offset=pos).tolist()
+        pos += 4 * count
+        payloads = []
+        for n in lengths:
+            if n == _NO_PAYLOAD:
+                payloads.append(None)
+                continue
+            if pos + n > len(body):
+                raise Corrupt("UPSERT frame payload runs past the body")
+            payloads.append(decode_payload(body[pos : pos + n]))
+            pos += n
+    if pos != len(body) or (count and dim == 0) or (mode & _CHECK and not _all_finite(flat)):
         raise Corrupt("UPSERT frame body is malformed")
-    return UpsertOp(ids, vectors, payloads)
+    return UpsertOp(ids, flat.reshape(count, dim), payloads) if mode & _BUILD else None
+
+
+def _all_finite(flat: npt.NDArray[np.float32]) -> bool:
+    """No NaN or infinity, without a mask as big as a big frame: min and max propagate NaN and
+    reach any infinity (for a few rows, one small mask is quicker)."""
+    if flat.shape[0] <= 1 << 14:
+        return bool(np.logical_and.reduce(np.isfinite(flat)))
+    return math.isfinite(np.minimum.reduce(flat)) and math.isfinite(np.maximum.reduce(flat))
+
+
+class WalReader:
+    """Reads a WAL front to back through a bounded window, so no more than one frame (or one
+    block of small frames) is in memory at a time.
+
+    ``pread(size, offset)`` returns up to ``size`` bytes at ``offset``; ``size`` is the file
+    length when the reader was made. :meth:`over` wraps bytes already in memory.
+    """
+
+    def __init__(self, pread: Callable[[int, int], bytes] | None, size: int, block: int = READ_BLOCK) -> None:
+        self._pread = pread
+        self.size = size
+        self.block = block
+        self._buf = memoryview(b"")
+        self._start = 0
+
+    @classmethod
+    def over(cls, buf: bytes | memoryview) -> WalReader:
+        """A reader of bytes already in memory (never reads)."""
+        reader = cls(None, len(buf))
+        reader._buf = memoryview(buf)
+        return reader
+
+    def view(self, pos: int, n: int) -> memoryview:
+        """Up to ``n`` bytes at ``pos``: fewer at the end of the file, or if it shrank meanwhile.
+
+        A view stays valid after later calls (it keeps its window alive), so callers drop the
+        views they are done with before asking for the next piece.
+        """
+        off = pos - self._start
+        if 0 <= off and off + n <= len(self._buf):
+            return self._buf[off : off + n]  # the window never reaches past the end of the file
+        n = max(0, min(n, self.size - pos))
+        if off < 0 or off + n > len(self._buf):
+            if self._pread is None:
+                return memoryview(b"")
+            self._buf = memoryview(b"")  # let the old window go before reading the next
+            self._buf, self._start, off = self._read(pos, max(n, min(self.block, self.size - pos))), pos, 0
+        return self._buf[off : off + n]
+
+    def _read(self, pos: int, n: int) -> memoryview:
+        assert self._pread is not None
+        data = self._pread(n, pos)
+        if len(data) >= n or not data:
+            return memoryview(data)
+        # A short read (over 2 GiB in one call on Linux, or a file that shrank): gather the
+        # rest into one buffer, a block at a time.
+        out = bytearray(n)
+        got = len(data)
+        out[:got] = data
+        del data
+        while got < n:
+            piece = self._pread(min(n - got, self.block), pos + got)
+            if not piece:
+                break
+            out[got : got + len(piece)] = piece
+            got += len(piece)
+        return memoryview(out)[:got]
 
 
 @dataclass(frozen=True)
@@ -196,54 +296,86 @@ class Frame:
 class ScanResult:
     """What a scan found: the valid prefix, and about the first bad frame if any."""
 
-    frames: list[Frame] = field(default_factory=list)
+    frames: list[Frame] = field(default_factory=list)  # only when the scan keeps them
     end: int = HEADER_SIZE  # end of the valid prefix: where a torn tail would be cut
     bad_offset: int | None = None  # first frame that failed to validate
     reason: str = ""
     confirmed_after: bool = False  # a later valid frame's watermark covers bad_offset
     later_frames: int = 0  # valid-looking frame headers found after bad_offset
+    data_frames: int = 0  # valid UPSERT and DELETE frames
+    last_seq: int | None = None  # sequence number of the last of them
+    rows: int = 0  # rows in the valid UPSERT frames (room a replay may need)
+    dim: int | None = None  # dimension of the first valid UPSERT frame with rows
 
 
-def _read_frame(buf: memoryview, pos: int, generation: int) -> tuple[Frame | None, str]:
-    """Decode the frame at ``pos``; ``(None, reason)`` if it does not validate."""
-    if pos + FRAME_HEADER_SIZE > len(buf):
-        return None, "frame header runs past the end of the file"
-    head = buf[pos : pos + FRAME_HEADER_SIZE]
+# (end, seq, synced_upto, kind, body, operation) of a frame that validated
+_Read = tuple[int, int, int, int, memoryview, Union[Op, None]]  # noqa: UP007
+
+
+def _read_frame(src: WalReader, pos: int, generation: int, mode: int) -> _Read | str:
+    """The frame at ``pos`` (its body decoded as ``mode`` says), or why it does not validate."""
+    past_header = "frame header runs past the end of the file"
+    if pos + FRAME_HEADER_SIZE > src.size:
+        return past_header
+    head = src.view(pos, FRAME_HEADER_SIZE)
+    if len(head) < FRAME_HEADER_SIZE:
+        return past_header
     crc, kind, f1, f2, gen_lo, body_crc, body_len, seq, synced = _FRAME.unpack(head)
-    if crc != _crc(head[4:], generation):
-        return None, "frame header checksum mismatch"
+    head_ok = crc == _crc(head[4:], generation)
+    del head  # the body's read may replace the window
+    if not head_ok:
+        return "frame header checksum mismatch"
     if gen_lo != generation & 0xFFFFFFFF or kind not in (T_UPSERT, T_DELETE, T_SYNC) or f1 or f2:
-        return None, "frame header fields invalid"
+        return "frame header fields invalid"
     start = pos + FRAME_HEADER_SIZE
-    if body_len > len(buf) - start:
-        return None, "frame body runs past the end of the file"
-    body = buf[start : start + body_len]
+    if body_len > src.size - start:
+        return "frame body runs past the end of the file"
+    # The header and the body in one view: a small frame then comes from one window read.
+    body = src.view(pos, FRAME_HEADER_SIZE + body_len)[FRAME_HEADER_SIZE:]
+    if len(body) < body_len:
+        return "frame body runs past the end of the file"
     if body_crc != _crc(body, generation):
-        return None, "frame body checksum mismatch"
+        return "frame body checksum mismatch"
     end = start + body_len + (-(FRAME_HEADER_SIZE + body_len)) % 8
     if kind == T_SYNC:
-        return Frame(pos, end, seq, synced, None), ""
+        return end, seq, synced, kind, body, None
     try:
-        op = _decode_body(kind, body)
+        op = _decode_body(kind, body, mode)
     except (ValueError, struct.error) as exc:
-        return None, f"frame body malformed: {exc}"
+        return f"frame body malformed: {exc}"
     except Corrupt as exc:
-        return None, str(exc)
-    return Frame(pos, end, seq, synced, op), ""
+        return str(exc)
+    return end, seq, synced, kind, body, op
 
 
-def later_frame_watermarks(buf: memoryview, start: int, generation: int) -> list[int]:
+_WATERMARK_CHUNK = 1 << 20  # bytes searched at a time after a damaged frame
+
+
+def later_frame_watermarks(buf: memoryview | WalReader, start: int, generation: int) -> list[int]:
     """Watermarks of valid frame headers at 8-byte-aligned offsets after ``start``.
 
     Frames start 8-byte aligned, so after a damaged frame (whose length cannot be trusted) the
-    rest of the file is searched at aligned offsets; a NumPy pre-filter on the type and
-    generation fields keeps the CRC checks to a handful.
+    rest of the file is searched at aligned offsets, a chunk at a time; a NumPy pre-filter on
+    the type and generation fields keeps the CRC checks to a handful.
     """
+    src = buf if isinstance(buf, WalReader) else WalReader.over(buf)
+    out: list[int] = []
     first = start + 8
-    n = (len(buf) - first - FRAME_HEADER_SIZE) // 8 + 1
+    while first + FRAME_HEADER_SIZE <= src.size:
+        # Headers starting in [first, first + chunk), whole: chunks overlap by a header less 8.
+        chunk = src.view(first, _WATERMARK_CHUNK + FRAME_HEADER_SIZE - 8)
+        out += _watermarks_in(chunk, generation)
+        del chunk
+        first += _WATERMARK_CHUNK
+    return out
+
+
+def _watermarks_in(buf: memoryview, generation: int) -> list[int]:
+    """Watermarks of the valid frame headers starting at offsets 0, 8, ... of ``buf``."""
+    n = (len(buf) - FRAME_HEADER_SIZE) // 8 + 1
     if n <= 0:
         return []
-    words = np.frombuffer(buf, dtype="<u4", count=(len(buf) - first) // 4, offset=first)
+    words = np.frombuffer(buf, dtype="<u4", count=len(buf) // 4)
     idx = np.arange(n) * 2
     kinds = words[idx + 1] & 0xFF
     candidates = np.flatnonzero(
@@ -251,16 +383,25 @@ def later_frame_watermarks(buf: memoryview, start: int, generation: int) -> list
     )
     out = []
     for c in candidates.tolist():
-        pos = first + 8 * c
-        head = buf[pos : pos + FRAME_HEADER_SIZE]
+        head = buf[8 * c : 8 * c + FRAME_HEADER_SIZE]
         if _FRAME.unpack(head)[0] == _crc(head[4:], generation):
             out.append(int(_FRAME.unpack(head)[8]))
     return out
 
 
 def scan(buf: memoryview, generation: int, first_seq: int | None = None) -> ScanResult:
-    """Read frames after the header until the end or the first frame that fails to validate.
+    """Read frames after the header until the end or the first frame that fails to validate,
+    keeping every decoded frame (``ScanResult.frames``): for logs already in memory."""
+    return scan_reader(WalReader.over(buf), generation, first_seq, keep=True)
 
+
+def scan_reader(
+    src: WalReader, generation: int, first_seq: int | None = None, *, keep: bool = False
+) -> ScanResult:
+    """Validate frames after the header until the end or the first frame that fails to validate.
+
+    Every frame is checked whole (a frame is valid only if its body decodes) and then dropped
+    unless ``keep``: the counts in the result size the replay (:func:`replay_ops`) that follows.
     ``first_seq``: the sequence number the first data frame must carry (``None``: any). Data
     frames must then be consecutive. When a bad frame is found, the rest of the file is
     searched for frames whose watermark proves the bad one had been made durable.
@@ -268,20 +409,58 @@ def scan(buf: memoryview, generation: int, first_seq: int | None = None) -> Scan
     result = ScanResult()
     pos = HEADER_SIZE
     expected = first_seq
-    while pos < len(buf):
-        frame, reason = _read_frame(buf, pos, generation)
-        if frame is not None and frame.op is not None and expected is not None and frame.seq != expected:
-            reason = f"sequence number {frame.seq} where {expected} was expected"
-            frame = None
-        if frame is None:
+    mode = _CHECK | _BUILD if keep else _CHECK
+    while pos < src.size:
+        read = _read_frame(src, pos, generation, mode)
+        if not isinstance(read, str) and read[3] != T_SYNC and expected is not None and read[1] != expected:
+            read = f"sequence number {read[1]} where {expected} was expected"
+        if isinstance(read, str):
             result.bad_offset = pos
-            result.reason = reason
-            marks = later_frame_watermarks(buf, pos, generation)
+            result.reason = read
+            marks = later_frame_watermarks(src, pos, generation)
             result.later_frames = len(marks)
             result.confirmed_after = any(m > pos for m in marks)
             break
-        if frame.op is not None:
-            expected = frame.seq + 1
-        result.frames.append(frame)
-        pos = result.end = frame.end
+        end, seq, synced, kind, body, op = read
+        if kind != T_SYNC:
+            expected = seq + 1
+            result.data_frames += 1
+            result.last_seq = seq
+            count, dim = _COUNTS.unpack_from(body, 0)
+            if kind == T_UPSERT and count:
+                result.rows += count
+                if result.dim is None:
+                    result.dim = dim
+        if keep:
+            result.frames.append(Frame(pos, end, seq, synced, op))
+        pos = result.end = end
+        del read, body, op
     return result
+
+
+def replay_ops(src: WalReader, generation: int, scanned: ScanResult) -> Iterator[Op]:
+    """The operations of the frames :func:`scan_reader` validated, decoded again one at a time.
+
+    Raises
+    ------
+    Corrupt
+        A frame no longer validates: the file changed since the scan (a read-only reader
+        racing a writer's compaction), so the caller reads everything again.
+    """
+    pos = HEADER_SIZE
+    expected = (scanned.last_seq or 0) - scanned.data_frames + 1  # data frames are consecutive
+    left = scanned.data_frames
+    while left:
+        read = _read_frame(src, pos, generation, _BUILD)
+        if isinstance(read, str) or pos >= scanned.end:
+            reason = read if isinstance(read, str) else "it grew"
+            raise Corrupt(f"WAL changed while it was read ({reason} at offset {pos})")
+        pos, seq, _, _, _, op = read
+        del read  # the caller decides how long the frame's bytes live
+        if op is not None:
+            if seq != expected:
+                raise Corrupt(f"WAL changed while it was read (sequence number {seq})")
+            expected += 1
+            left -= 1
+            yield op
+        del op

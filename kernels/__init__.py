@@ -13,5 +13,14 @@ from __future__ import annotations
 
 from ._backend import ArrayBackend, cpu_backend
 from ._flat import DEFAULT_WORKING_SET, SearchOutput, exact_scores, flat_topk
+from ._parallel import SERIAL
 
-__all__ = ["DEFAULT_WORKING_SET", "ArrayBackend", "SearchOutput", "cpu_backend", "exact_scores", "flat_topk"]
+__all__ = [
+    "DEFAULT_WORKING_SET",
+    "SERIAL",
+    "ArrayBackend",
+    "SearchOutput",
+    "cpu_backend",
+    "exact_scores",
+    "flat_topk",
+]

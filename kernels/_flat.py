@@ -94,10 +94,34 @@ class _Candidates:
     norms: Array  # float64 squared norms
     norms32: Array
     inv32: Array | None  # 1/|x| as float32 (COSINE only); inf for a zero row
+    dead: Array | None = None  # sorted candidate positions never to return (deleted rows)
 
     @property
     def n(self) -> int:
         return int(self.norms.shape[0])
+
+    @property
+    def n_live(self) -> int:
+        return self.n - (0 if self.dead is None else int(self.dead.shape[0]))
+
+    def mask_dead(self, xp: Any, S: Array, t0: int, t1: int, rows_axis: int) -> None:
+        """Set the scores of dead candidates among ``t0:t1`` to NaN: a NaN is never admitted (and
+        the rows a NaN score marks are completed from :meth:`live_positions`, never from ``S``)."""
+        if self.dead is None:
+            return
+        a, b = _to_list(xp, xp.searchsorted(self.dead, xp.asarray([t0, t1], dtype=xp.int64)))
+        if a == b:
+            return
+        hit = self.dead[a:b] - t0
+        if rows_axis == 0:
+            S[hit] = np.nan
+        else:
+            S[:, hit] = np.nan
+
+    def live_positions(self, xp: Any) -> Array:
+        """Every candidate position that is not dead, ascending."""
+        pos = xp.arange(self.n, dtype=xp.int64)
+        return pos if self.dead is None else xp.delete(pos, self.dead)
 
     def row_index(self, t0: int, cols: Array, xp: Any) -> Array:
         """Row indices into ``X`` of candidate positions ``t0 + cols``."""
@@ -108,10 +132,12 @@ class _Candidates:
     def subset(self, pos: Array, xp: Any) -> _Candidates:
         """The candidates at positions ``pos`` (int64)."""
         inv = None if self.inv32 is None else self.inv32[pos]
-        return _Candidates(self.X, self.row_index(0, pos, xp), self.norms[pos], self.norms32[pos], inv)
-
-    def all_rows(self, xp: Any) -> Array:
-        return xp.arange(self.X.shape[0], dtype=xp.int64) if self.rows is None else self.rows
+        dead = None
+        if self.dead is not None:
+            at = xp.minimum(xp.searchsorted(self.dead, pos), self.dead.shape[0] - 1)
+            dead = xp.flatnonzero(self.dead[at] == pos)
+            dead = dead if dead.shape[0] else None
+        return _Candidates(self.X, self.row_index(0, pos, xp), self.norms[pos], self.norms32[pos], inv, dead)
 
 
 def flat_topk(
@@ -124,6 +150,7 @@ def flat_topk(
     metric: str,
     rows: Array | None = None,
     *,
+    dead: Array | None = None,
     norms32: Array | None = None,
     inv_norms32: Array | None = None,
     norm_bounds: tuple[float, float] | None = None,
@@ -151,6 +178,9 @@ def flat_topk(
         ``"l2"``, ``"cosine"`` or ``"dot"``.
     rows
         Optional int64 indices into ``X``: search only these rows (a pre-filter).
+    dead
+        Optional sorted int64 indices into ``X`` of rows never to return (deleted rows that are
+        still stored): they are excluded inside the scan, with no gather of the other rows.
     norms32, inv_norms32
         Optional caches of ``norms_sq`` as float32 and of ``1/sqrt(norms_sq)`` as float32
         (computed here when absent).
@@ -171,20 +201,22 @@ def flat_topk(
         ``count = min(k, candidates)`` results per query, best first, as row indices into ``X``.
     """
     m = int(Q.shape[0])
-    n_cand = int(X.shape[0]) if rows is None else int(rows.shape[0])
-    count = min(k, n_cand)
-    out_rows = xp.empty((m, count), dtype=xp.int64)
-    out_scores = xp.empty((m, count), dtype=xp.float64)
-    if count == 0 or m == 0:
-        return SearchOutput(out_rows, out_scores, count)
     with np.errstate(divide="ignore", over="ignore"):
         if norms32 is None:
             norms32 = norms_sq.astype(xp.float32)
         if metric == "cosine" and inv_norms32 is None:
             inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
-    cand = _Candidates(X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None)
+    if dead is not None and dead.shape[0] == 0:
+        dead = None
+    cand = _Candidates(X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead)
     if rows is not None:
         cand = cand.subset(rows, xp)
+    n_cand = cand.n
+    count = min(k, cand.n_live)
+    out_rows = xp.empty((m, count), dtype=xp.int64)
+    out_scores = xp.empty((m, count), dtype=xp.float64)
+    if count == 0 or m == 0:
+        return SearchOutput(out_rows, out_scores, count)
     if norm_bounds is None or rows is not None:
         positive = cand.norms[cand.norms > 0]
         norm_bounds = (float(xp.min(positive)), float(xp.max(positive))) if positive.shape[0] else (1.0, 0.0)
@@ -304,7 +336,9 @@ def _search_block(
             finish(w)
     for i in _to_list(xp, xp.nonzero(~safe)[0]):
         bound = float(kth[i] + tol[i])
-        r, s = _rescan(xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec)
+        r, s = _rescan(
+            xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec, working_set
+        )
         rows_out[i] = r
         scores_out[i] = s
     return rows_out, scores_out
@@ -333,11 +367,16 @@ def _coarse_best(
     n = cand.n
     workers = _workers(parallel.workers, mb, n, d)
     # Each worker scans a contiguous share of the rows with its own score tile and its own c
-    # best; a tile is a whole number of the runs `_tile_hits` takes minima over.
-    if mb == 1:
+    # best; a tile is a whole number of the runs `_tile_hits` takes minima over. Float64
+    # scores (rows of extreme norms) widen each tile's rows too, so their tiles also keep the
+    # widened rows within the working set.
+    whole = mb == 1 and cdtype == xp.float32
+    if whole:
         tile = -(-n // workers)
     else:
         tile = max(16 * _CHUNK, working_set // (4 * mb * workers) // _CHUNK * _CHUNK)
+        if cdtype != xp.float32:
+            tile = min(tile, max(_CHUNK, working_set // (8 * (d + 1) * workers) // _CHUNK * _CHUNK))
     bounds = [n * w // workers for w in range(workers + 1)]
     # Sampled bounds admit about 2c scores per query: they wait in a buffer (c x _LAZY slots
     # per query) and are merged once it fills, usually once per scan. A bound seeded by a
@@ -347,7 +386,7 @@ def _coarse_best(
     def scan(w: int) -> tuple[Array, Array]:
         lo, hi = bounds[w], bounds[w + 1]
         tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo), matvec=matvec)
-        if mb == 1:
+        if whole:
             return _select_one(xp, cand, tiler.scores(lo, hi)[0], lo, c)
         sel = _Selection(xp, cand, mb, c, cdtype, spare)
         thr = xp.full(mb, xp.inf, dtype=cdtype) if theta is None else theta.astype(cdtype)
@@ -439,7 +478,7 @@ def _sample_bound(
     step = n // s
     sub = cand.subset(xp.arange(s, dtype=xp.int64) * step + step // 2, xp)
     # One contiguous copy of the sampled rows, shared by the workers (each takes some queries).
-    sub = _Candidates(xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32)
+    sub = _Candidates(xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32, sub.dead)
     out = xp.empty(mb, dtype=cdtype)
     workers = min(parallel.workers, mb) if mb * s * d >= _MIN_WORK else 1
     cuts = [mb * w // workers for w in range(workers + 1)]
@@ -559,7 +598,12 @@ class _Tiler:
 
     def scores(self, t0: int, t1: int) -> Array:
         """Coarse scores of candidates ``t0:t1`` against the block (a view of the buffer):
-        ``(t1 - t0, m)`` when :attr:`transposed`, else ``(m, t1 - t0)``."""
+        ``(t1 - t0, m)`` when :attr:`transposed`, else ``(m, t1 - t0)``; NaN for dead rows."""
+        S = self._scores(t0, t1)
+        self.cand.mask_dead(self.xp, S, t0, t1, 0 if self.transposed else 1)
+        return S
+
+    def _scores(self, t0: int, t1: int) -> Array:
         xp, cand = self.xp, self.cand
         Xt = cand.X[t0:t1] if cand.rows is None else cand.X[cand.rows[t0:t1]]
         mb = self.Qc.shape[0]
@@ -834,8 +878,10 @@ def _fill_nan(
 
     Only COSINE has NaN scores: every row when the query is zero, else the zero rows.
     """
-    all_rows = cand.all_rows(xp)
-    nan_rows = all_rows if float(xp.sum(q * q)) == 0 else all_rows[cand.norms == 0]
+    pos = cand.live_positions(xp)
+    if float(xp.sum(q * q)) != 0:
+        pos = pos[cand.norms[pos] == 0]
+    nan_rows = cand.row_index(0, pos, xp)
     nan_rows = nan_rows[xp.argsort(ids[nan_rows], kind="stable")]
     rows = rows.copy()
     rows[have:count] = nan_rows[: count - have]
@@ -853,20 +899,30 @@ def _rescan(
     bound: float,
     cdtype: Any,
     matvec: MatVec | None,
+    working_set: int = DEFAULT_WORKING_SET,
 ) -> tuple[Array, Array]:
-    """Near-ties crowd the margin: collect every row within ``bound``, score exactly, cut."""
-    found = []
-    n = cand.n
-    tile = min(n, 1 << 20)
+    """Near-ties crowd the margin: score every row within ``bound`` exactly and keep the best
+    ``count``, tile by tile, so memory stays within the working set however many rows the
+    bound admits (all of them, when an extreme row makes the rounding bound huge)."""
+    n, d = cand.n, int(Qc1.shape[1])
+    # Tiles within the working set, also when the rows are widened to float64.
+    width = 4 if cdtype == xp.float32 else 8 * (d + 1)
+    tile = max(1, min(n, 1 << 20, working_set // width))
+    piece = max(1, working_set // (8 * d))  # rows re-scored in float64 at once
     tiler = _Tiler(xp, cand, Qc1, metric, cdtype, tile, matvec=matvec)
+    rows = xp.empty(0, dtype=xp.int64)
+    scores = xp.empty(0, dtype=xp.float64)
     for t0 in range(0, n, tile):
         S = tiler.scores(t0, min(t0 + tile, n))
-        found.append(cand.row_index(t0, xp.flatnonzero(S.reshape(-1) <= bound), xp))
-    rows = xp.concatenate(found)
-    scores = exact_scores(xp, metric, cand.X[rows], q64)
-    order = _order(xp, scores[None, :], ids[rows][None, :])[0]
-    have = min(count, int(rows.shape[0]))
-    rows = xp.concatenate([rows[order][:have], xp.zeros(count - have, dtype=xp.int64)])
+        hit = cand.row_index(t0, xp.flatnonzero(S.reshape(-1) <= bound), xp)
+        for p0 in range(0, int(hit.shape[0]), piece):
+            r = hit[p0 : p0 + piece]
+            rows = xp.concatenate([rows, r])
+            scores = xp.concatenate([scores, exact_scores(xp, metric, cand.X[r], q64)])
+            order = _order(xp, scores[None, :], ids[rows][None, :])[0][:count]
+            rows, scores = rows[order], scores[order]
+    have = int(rows.shape[0])
     if have < count:
+        rows = xp.concatenate([rows, xp.zeros(count - have, dtype=xp.int64)])
         return _fill_nan(xp, cand, ids, q64, rows, have, metric, count)
-    return rows, exact_scores(xp, metric, cand.X[rows], q64)
+    return rows, scores

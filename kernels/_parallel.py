@@ -15,8 +15,9 @@ scikit-learn's KMeans avoids the same oversubscription, with the same library (t
 
 The limit is process-wide (BLAS libraries keep one thread count) and held only while tasks run;
 concurrent searches share it through a count, and the last one out restores the original
-setting. A NumPy product that another thread of the application runs at that moment runs on
-one thread. When the limit cannot be set, the tasks run one after another instead.
+setting, also when a task raises. A NumPy product that another thread of the application runs
+at that moment runs on one thread (README, Performance). When the limit cannot be set, the
+tasks run one after another instead.
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ class _BlasLimit:
         with self._lock:
             if self._active == 0:
                 self._saved = [c.num_threads for c in self._controllers]
-                for c in self._controllers:
-                    c.set_num_threads(1)
-                self._ok = all(c.num_threads == 1 for c in self._controllers)
+                try:
+                    for c in self._controllers:
+                        c.set_num_threads(1)
+                    self._ok = all(c.num_threads == 1 for c in self._controllers)
+                except BaseException:
+                    # A library refused: put back the ones already limited, then fail the search.
+                    self._ok = False
+                    self._restore(force=False)
+                    raise
                 if not self._ok:
                     # Another thread controls the pool; put back whatever did change.
                     self._restore(force=False)
@@ -94,9 +101,11 @@ class _BlasLimit:
 
     def _restore(self, force: bool) -> None:
         self._hand_back(force=force)
-        for c, n in zip(self._controllers, self._saved):
-            c.set_num_threads(n)
-        self._hand_back(force=False)
+        try:
+            for c, n in zip(self._controllers, self._saved):
+                c.set_num_threads(n)
+        finally:
+            self._hand_back(force=False)
 
 
 class ThreadedCpu(Parallel):

@@ -39,6 +39,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 import iqdb
 from iqdb._wal import FRAME_HEADER_SIZE, decode_header, scan
 
+# These tests model a process that dies: the handles it leaves behind are dropped unclosed on
+# purpose, so the ResourceWarning that an unclosed handle gives is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:unclosed iqdb database:ResourceWarning")
+
 DIM = 4
 # Written by a setup session that closed cleanly (the directory's entries are durable before a
 # crash model starts; the "new directory" case starts from nothing) and never deleted.

@@ -34,7 +34,6 @@ MODULES = [
     "iqdb._db",
     "iqdb._store",
     "iqdb._index",
-    "iqdb._lock",
     "iqdb._device",
     "iqdb._backend",
     "iqdb._wal",

@@ -24,6 +24,10 @@ import iqdb
 from iqdb import Corrupt, InvalidConfig, Locked, Poisoned, Record, StorageError
 from iqdb._wal import FRAME_HEADER_SIZE, decode_header, scan
 
+# These tests model a process that dies: the handles it leaves behind are dropped unclosed on
+# purpose, so the ResourceWarning that an unclosed handle gives is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:unclosed iqdb database:ResourceWarning")
+
 IDS = range(64)
 
 RICH = {

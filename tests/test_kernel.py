@@ -6,9 +6,11 @@ pre-scaled copy of each tile (256 queries or more), float64 coarse scores for ve
 float32's comfortable range, a re-scan when near-ties crowd the candidate margin, a pre-filter
 over a subset of rows, many small tiles when the working set is tiny, small query blocks for
 large k, and scans split among workers (threads, or inline to test the split alone). Each is
-compared here,
-ids and scores, with the reference: exact float64 scores of every row, ordered by (NaN last,
-score, id).
+compared here, ids and scores, with the reference in ``_reference``: float64 distances of every
+row written out in plain NumPy (nothing from the kernels, not even their exact re-scoring),
+ordered by (score, id), NaN last. Real-valued scores may differ from the kernel's in their last
+bits (another summation order), within a rounding tolerance; small-integer data is exact in any
+order, so there ids and score bits must be equal.
 """
 
 from __future__ import annotations
@@ -17,23 +19,19 @@ import inspect
 
 import numpy as np
 import pytest
+from _reference import Expected, brute_force
 
 from iqdb._store import row_norms_sq
-from iqdb.kernels import _backend, _flat, cpu_backend, exact_scores, flat_topk
+from iqdb.kernels import _backend, _flat, cpu_backend, flat_topk
 from iqdb.kernels._parallel import Parallel, ThreadedCpu, _BlasLimit
 
 METRICS = ["l2", "cosine", "dot"]
 
 
-def reference(X: np.ndarray, ids: np.ndarray, Q: np.ndarray, k: int, metric: str, rows: np.ndarray | None):
-    cand = np.arange(X.shape[0]) if rows is None else rows
-    out_ids, out_scores = [], []
-    for q in Q:
-        s = exact_scores(np, metric, X[cand], q)
-        order = np.lexsort((ids[cand], np.where(np.isnan(s), np.inf, s), np.isnan(s)))[:k]
-        out_ids.append(ids[cand][order].tolist())
-        out_scores.append(s[order].tolist())
-    return out_ids, out_scores
+def reference(
+    X: np.ndarray, ids: np.ndarray, Q: np.ndarray, k: int, metric: str, rows: np.ndarray | None
+) -> Expected:
+    return brute_force(X, ids, Q, k, metric, rows)
 
 
 def run(X, ids, Q, k, metric, rows=None, working_set=16 << 20):
@@ -41,11 +39,8 @@ def run(X, ids, Q, k, metric, rows=None, working_set=16 << 20):
     return ids[out.rows].tolist(), out.scores.tolist()
 
 
-def same(got, want) -> None:
-    got_ids, got_scores = got
-    want_ids, want_scores = want
-    assert got_ids == want_ids
-    np.testing.assert_array_equal(np.array(got_scores), np.array(want_scores))  # NaN == NaN here
+def same(got, want: Expected, exact: bool = False) -> None:
+    want.check(*got, exact=exact)
 
 
 def tricky_data(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,12 +130,16 @@ class InlineWorkers(Parallel):
         self.workers = workers
 
 
-@pytest.fixture
-def split_small_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+def lower_split_floors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let tiny test data split among workers (the real floors keep small scans whole)."""
     monkeypatch.setattr(_flat, "_MIN_WORK", 0)
     monkeypatch.setattr(_flat, "_MIN_WORK_ONE_QUERY", 0)
     monkeypatch.setattr(_flat, "_MIN_ROWS_PER_WORKER", 1)
+
+
+@pytest.fixture
+def split_small_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+    lower_split_floors(monkeypatch)
 
 
 def run_split(X, ids, Q, k, metric, parallel, rows=None, working_set=16 << 20):
@@ -296,6 +295,71 @@ def test_ties_overflowing_the_selection_buffer_match_the_reference(
     same(got, reference(X, ids, Q, 120, metric, None))
 
 
+def integer_data(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Small-integer rows (every distance exact in float64, ties everywhere), duplicates and
+    zero rows under shuffled ids; the generator goes on to draw the queries."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    X[5:25] = X[3]
+    X[30:34] = 0.0
+    ids = rng.permutation(np.arange(10 * n, 11 * n, dtype=np.uint64))
+    return X, ids, rng
+
+
+# path: (queries, k, working_set, workers claimed); "split" runs with the split floors lowered.
+INTEGER_PATHS = {
+    "gemv": (1, 10, 16 << 20, 1),
+    "rows": (7, 10, 16 << 20, 1),
+    "transposed": (40, 10, 16 << 20, 1),
+    "augmented": (300, 10, 16 << 20, 1),
+    "tiny-tiles": (40, 25, 4096, 1),
+    "split": (40, 25, 4096, 3),
+    "sampled": (40, 60, 16 << 20, 2),
+}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("path", list(INTEGER_PATHS))
+def test_small_integer_data_matches_the_reference_bit_for_bit(
+    metric: str, path: str, sample_calls: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sums of small integers are exact in any order: ids and score bits equal the reference's,
+    every exact tie broken by the smaller id."""
+    m, k, working_set, workers = INTEGER_PATHS[path]
+    if path == "split":
+        lower_split_floors(monkeypatch)
+    X, ids, rng = integer_data(3000, 8, seed=len(path))
+    Q = rng.integers(-3, 4, size=(m, 8)).astype(np.float32)
+    Q[0] = X[3]
+    if m > 1:
+        Q[1] = 0.0
+    runner, tasks = InlineWorkers(workers), []
+    monkeypatch.setattr(runner, "map", lambda fn, n: tasks.append(fn.__name__) or Parallel.map(runner, fn, n))
+    got = run_split(X, ids, Q, k, metric, runner, working_set=working_set)
+    same(got, reference(X, ids, Q, k, metric, None), exact=True)
+    assert any(sample_calls) == (path == "sampled")
+    assert ("scan" in tasks) == (path == "split")
+
+
+@pytest.mark.parametrize("mutant", ["float32-scores", "squared-l2"])
+def test_the_reference_catches_a_kernel_whose_exact_scores_are_wrong(
+    mutant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference shares no code with the kernel: a kernel whose exact re-scoring is wrong
+    (here in ways that keep every order) fails, whatever its own scoring function says."""
+    original = _flat.exact_scores
+
+    def wrong(xp, metric, A, q):
+        s = original(xp, metric, A, q)
+        return s.astype(np.float32).astype(np.float64) if mutant == "float32-scores" else s * s
+
+    monkeypatch.setattr(_flat, "exact_scores", wrong)
+    X, ids = tricky_data(2000, 12, seed=1)
+    Q = queries(X, 7, seed=1)
+    with pytest.raises(AssertionError, match="scores"):
+        same(run(X, ids, Q, 10, "l2"), reference(X, ids, Q, 10, "l2", None))
+
+
 @pytest.mark.parametrize("mode", ["merge", "buffer-0", "buffer-7", "buffer-50"])
 def test_the_selection_keeps_the_c_best_of_everything_added(mode: str) -> None:
     """_Selection against a sort: batches of admitted scores (grouped by query, some queries
@@ -370,9 +434,7 @@ def test_huge_k_rescoring_stays_within_the_working_set() -> None:
         tracemalloc.stop()
     results = 2 * 30_000 * 16
     assert peak < results + (12 << 20), peak
-    want = reference(X, ids, Q, 30_000, "l2", None)
-    assert ids[out.rows].tolist() == want[0]
-    np.testing.assert_array_equal(out.scores, np.array(want[1]))
+    same((ids[out.rows], out.scores), reference(X, ids, Q, 30_000, "l2", None))
 
 
 @pytest.mark.parametrize("rows_axis", [0, 1])
