@@ -456,3 +456,75 @@ def test_kth_run_min_is_the_kth_smallest_run_minimum(rows_axis: int, g: int) -> 
         assert got[q] == want, (q, got[q], want)
         finite = np.sort(S[~np.isnan(S[:, q]), q])
         assert len(finite) < 4 or got[q] >= finite[3]
+
+
+# -- dead rows (deleted rows still stored, excluded inside the scan) ------------------------------
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("path", list(INTEGER_PATHS))
+@pytest.mark.parametrize("dead_share", [0.05, 0.6])
+def test_dead_rows_are_never_returned_on_any_path(
+    metric: str, path: str, dead_share: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dead=`` gives exactly the reference over the live rows, ids and score bits, on every
+    path (the first rows, the near-duplicates of the queries and some zero rows among the dead,
+    so a dead row would often win or fill a NaN slot), with ``count = min(k, live)``."""
+    m, k, working_set, workers = INTEGER_PATHS[path]
+    if path == "split":
+        lower_split_floors(monkeypatch)
+    X, ids, rng = integer_data(3000, 8, seed=7 + len(path))
+    Q = rng.integers(-3, 4, size=(m, 8)).astype(np.float32)
+    Q[0] = X[3]
+    if m > 1:
+        Q[1] = 0.0
+    dead = np.union1d(
+        np.flatnonzero(rng.random(3000) < dead_share), np.array([3, 5, 6, 30, 31, 0, 2999], dtype=np.int64)
+    ).astype(np.int64)
+    live = np.setdiff1d(np.arange(3000), dead)
+    out = flat_topk(
+        np,
+        X,
+        row_norms_sq(np, X),
+        ids,
+        Q,
+        k,
+        metric,
+        dead=dead,
+        working_set=working_set,
+        parallel=InlineWorkers(workers),
+    )
+    assert out.count == min(k, live.shape[0])
+    assert not np.isin(out.rows, dead).any()
+    same((ids[out.rows].tolist(), out.scores.tolist()), reference(X, ids, Q, k, metric, live), exact=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_dead_rows_with_a_prefilter_and_with_fewer_live_rows_than_k(metric: str) -> None:
+    X, ids, rng = integer_data(400, 6, seed=3)
+    Q = rng.integers(-3, 4, size=(5, 6)).astype(np.float32)
+    Q[1] = 0.0
+    dead = np.arange(0, 400, 2, dtype=np.int64)
+    rows = np.arange(0, 400, 3, dtype=np.int64)  # a pre-filter that overlaps the dead rows
+    out = flat_topk(np, X, row_norms_sq(np, X), ids, Q, 500, metric, rows, dead=dead)
+    want_rows = np.setdiff1d(rows, dead)
+    assert out.count == want_rows.shape[0]
+    same(
+        (ids[out.rows].tolist(), out.scores.tolist()),
+        reference(X, ids, Q, 500, metric, want_rows),
+        exact=True,
+    )
+    # Every row dead: nothing to return.
+    none = flat_topk(np, X, row_norms_sq(np, X), ids, Q, 3, metric, dead=np.arange(400, dtype=np.int64))
+    assert none.count == 0 and none.rows.shape == (5, 0)
+
+
+def test_a_rescan_with_dead_rows_and_a_huge_rounding_bound_stays_exact() -> None:
+    """An extreme live row makes the coarse bound useless, so every query is re-scanned; the
+    re-scan must skip dead rows and keep its memory to the working set."""
+    X, ids, rng = integer_data(5000, 8, seed=11)
+    X[100] = 1e19
+    Q = rng.integers(-3, 4, size=(3, 8)).astype(np.float32)
+    dead = np.arange(0, 5000, 7, dtype=np.int64)
+    live = np.setdiff1d(np.arange(5000), dead)
+    out = flat_topk(np, X, row_norms_sq(np, X), ids, Q, 12, "l2", dead=dead, working_set=64 << 10)
+    assert not np.isin(out.rows, dead).any()
+    same((ids[out.rows].tolist(), out.scores.tolist()), reference(X, ids, Q, 12, "l2", live))
