@@ -521,14 +521,16 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         # (and repairs it) and counts its rows, the second decodes and applies it frame by frame.
         src = None if fd is None else _wal_reader(fs, fd)
         plan = None if src is None else _recover_wal(b, src, None if b.readonly else fd)
+        # Room for what the replay may add, so it never grows (and copies) the matrix. Without
+        # a snapshot, or with one that has no rows, the log gives the dimension.
         extra = 0 if plan is None else plan.rows
-        if snap is not None:
-            # Room for what the replay may add, so it never reallocates the loaded matrix.
+        if snap is not None and snap.dim is not None:
             store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms, extra=extra)
         elif plan is not None and plan.dim is not None:
-            # No snapshot yet: the same room in an empty store (growing it would copy it).
             empty = np.empty((0, plan.dim), dtype=np.float32)
             store.load(np.empty(0, dtype=np.uint64), empty, [], plan.dim, extra=extra)
+        elif snap is not None:
+            store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms)
         snap = None  # the replay needs only the store
         if src is not None and plan is not None:
             _replay(store, replay_ops(src, b.generation, plan))
@@ -564,6 +566,9 @@ def _replay(store: ColumnStore, ops: Iterator[Op]) -> None:
                 run, size = [], 0
             run.append(op)
             size += op.vectors.nbytes
+            if size >= _REPLAY_BATCH:  # a big frame goes in before the next one is read
+                apply_op(store, merge_upserts(run))
+                run, size = [], 0
         else:
             if run:
                 apply_op(store, merge_upserts(run))

@@ -60,6 +60,7 @@ def row_norms_sq(xp: Any, block: Any, chunk: int = 8192) -> Any:
     for r0 in range(0, block.shape[0], chunk):
         part = block[r0 : r0 + chunk].astype(xp.float64)
         out[r0 : r0 + chunk] = xp.einsum("ij,ij->i", part, part)
+        del part  # before the next chunk is widened: one float64 chunk at a time
     return out
 
 

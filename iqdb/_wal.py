@@ -27,6 +27,11 @@ was built. A damaged frame *below* a later frame's watermark was confirmed durab
 corruption (refuse to open); a damaged frame above every watermark is a torn tail from the
 unsynced window (truncate it). SYNC frames, appended (unsynced) after each fsync, make the
 watermark visible even when no write follows a flush.
+
+Opening reads the log twice through a bounded window (:class:`WalReader`), never whole:
+:func:`scan_reader` validates every frame and counts what a replay adds, then
+:func:`replay_ops` decodes the valid frames again one at a time, as views into the bytes read,
+for the caller to apply and drop.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ _NO_PAYLOAD = 0xFFFFFFFF
 _HEADER = struct.Struct("<8sIIQI")  # magic, version, header size, generation, reserved (28 bytes)
 _FRAME = struct.Struct("<IBBHIIQQQ")  # header_crc .. synced_upto (40 bytes)
 _COUNTS = struct.Struct("<II")
-READ_BLOCK = 1 << 20  # bytes a WalReader reads at a time for small frames
+_READ_BLOCK = 1 << 20  # bytes a WalReader reads at a time for small frames
 _LITTLE = sys.byteorder == "little"  # frame arrays are then usable in place, without a copy
 
 
@@ -230,7 +235,9 @@ class WalReader:
     length when the reader was made. :meth:`over` wraps bytes already in memory.
     """
 
-    def __init__(self, pread: Callable[[int, int], bytes] | None, size: int, block: int = READ_BLOCK) -> None:
+    def __init__(
+        self, pread: Callable[[int, int], bytes] | None, size: int, block: int = _READ_BLOCK
+    ) -> None:
         self._pread = pread
         self.size = size
         self.block = block
@@ -455,7 +462,7 @@ def replay_ops(src: WalReader, generation: int, scanned: ScanResult) -> Iterator
         if isinstance(read, str) or pos >= scanned.end:
             reason = read if isinstance(read, str) else "it grew"
             raise Corrupt(f"WAL changed while it was read ({reason} at offset {pos})")
-        pos, seq, _, _, _, op = read
+        pos, seq, op = read[0], read[1], read[5]
         del read  # the caller decides how long the frame's bytes live
         if op is not None:
             if seq != expected:
