@@ -95,7 +95,12 @@ _KERNEL_SLOTS = _FairSlots(max(1, os.cpu_count() or 1))
 
 
 def _check_working_set(working_set: object) -> int:
-    if type(working_set) in _BOOL_TYPES or not isinstance(working_set, (int, np.integer)):
+    # np.timedelta64 is an np.integer subclass, but no integer.
+    if (
+        type(working_set) in _BOOL_TYPES
+        or not isinstance(working_set, (int, np.integer))
+        or isinstance(working_set, np.timedelta64)
+    ):
         raise InvalidConfig(f"working_set must be an integer number of bytes, got {working_set!r}")
     if working_set < _MIN_WORKING_SET:
         raise InvalidConfig(f"working_set must be at least {_MIN_WORKING_SET} bytes, got {working_set}")
@@ -124,7 +129,7 @@ def _check_path(path: object) -> str:
 
 
 def _check_k(k: object) -> int:
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+    if isinstance(k, (bool, np.bool_, np.timedelta64)) or not isinstance(k, (int, np.integer)):
         raise InvalidArgument(f"k must be a non-negative integer, got {type(k).__name__}")
     if k < 0:
         raise InvalidArgument(f"k must be a non-negative integer, got {int(k)}")

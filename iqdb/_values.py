@@ -454,7 +454,7 @@ class SearchResult:
         if type(self.score) is not float:
             score: Any = self.score
             real = isinstance(score, (int, float, np.integer, np.floating))
-            if isinstance(score, (bool, np.bool_)) or not real:
+            if isinstance(score, (bool, np.bool_, np.timedelta64)) or not real:
                 raise InvalidArgument(f"score must be a real number, got {type(score).__name__}")
             try:
                 object.__setattr__(self, "score", float(score))
