@@ -11,7 +11,7 @@ device. Nothing here imports :mod:`iqdb` (imports flow handle -> storage -> kern
 
 from __future__ import annotations
 
-from ._backend import ArrayBackend, cpu_backend
+from ._backend import ArrayBackend, cpu_backend, gpu_backend
 from ._flat import DEFAULT_WORKING_SET, SearchOutput, exact_scores, flat_topk
 from ._parallel import SERIAL
 
@@ -23,4 +23,5 @@ __all__ = [
     "cpu_backend",
     "exact_scores",
     "flat_topk",
+    "gpu_backend",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +14,9 @@ import numpy as np
 from ._flat import MatVec
 from ._parallel import SERIAL, Parallel, cpu_parallel
 
-__all__ = ["ArrayBackend", "cpu_backend", "cpu_matvec"]
+__all__ = ["ArrayBackend", "cpu_backend", "cpu_matvec", "gpu_backend"]
+
+log = logging.getLogger("iqdb.kernels")
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,16 @@ class ArrayBackend:
     matvec
         How a single query streams the stored rows (``matvec(A, v, out)``; ``None``: the
         namespace's ``matmul``).
+    device_index
+        The CUDA device ordinal N of ``"cuda:N"`` (``None`` on the CPU): code that allocates or
+        launches on this backend runs under ``xp.cuda.Device(device_index)``.
     """
 
     name: str
     xp: Any
     parallel_factory: Callable[[], Parallel] = field(default=lambda: SERIAL, compare=False, repr=False)
     matvec: MatVec | None = field(default=None, compare=False, repr=False)
+    device_index: int | None = None
 
     @property
     def parallel(self) -> Parallel:
@@ -44,12 +53,17 @@ class ArrayBackend:
 
     def asarray(self, host: np.ndarray[Any, Any]) -> Any:
         """Move a host array to this backend's device (no copy on the CPU)."""
-        return self.xp.asarray(host)
+        if self.device_index is None:
+            return self.xp.asarray(host)
+        # CuPy allocates on the *current* device, which is the caller's, not necessarily ours.
+        with self.xp.cuda.Device(self.device_index):
+            return self.xp.asarray(host)
 
     def to_host(self, arr: Any) -> np.ndarray[Any, Any]:
         """A host NumPy array with ``arr``'s contents (no copy on the CPU)."""
         if isinstance(arr, np.ndarray):
             return arr
+        # CuPy's get() switches to the array's own device for the copy, whatever is current.
         return np.asarray(arr.get())
 
 
@@ -72,3 +86,47 @@ def cpu_matvec(A: np.ndarray[Any, Any], v: np.ndarray[Any, Any], out: np.ndarray
 def cpu_backend() -> ArrayBackend:
     """The NumPy backend."""
     return ArrayBackend("cpu", np, cpu_parallel, cpu_matvec)
+
+
+def _tf32_requested(value: str) -> bool:
+    """Whether CuPy would read ``CUPY_TF32=value`` as "use TF32" (it tests ``int(value) > 0``)."""
+    try:
+        return int(value) > 0
+    except ValueError:
+        return bool(value.strip())  # CuPy fails on it at the first product: worth a word too
+
+
+@functools.cache
+def _warn_tf32(value: str) -> None:
+    """Log once per process (and value) that ``CUPY_TF32`` may lower matmul precision."""
+    log.warning(
+        "CUPY_TF32=%r is set: CuPy's float32 matmul may run in TF32, below the full float32 "
+        "precision iqdb's exact search assumes; unset it",
+        value,
+    )
+
+
+def gpu_backend(index: int) -> ArrayBackend:
+    """The CuPy backend on CUDA device ``index`` (imports CuPy; checks nothing about the device).
+
+    Choosing and checking the device (CuPy 14+, the index in range, the device answering) is the
+    caller's job (``iqdb._device``). Searches run serially on the host side (the device is the
+    parallelism); ``matvec`` is ``None`` because :func:`cpu_matvec` passes ``out=`` to
+    ``einsum``, which CuPy rejects.
+
+    Precision: CuPy's ``matmul`` runs float32 in TF32 when ``CUPY_TF32`` is a positive integer
+    (read once per process, at the first float32 product), which breaks the kernels' fp32
+    rounding bound. The kernels must force full fp32 for their products whatever the
+    environment; until they do, this function logs a warning (once) when the variable is set.
+
+    Raises
+    ------
+    ImportError
+        CuPy is not installed.
+    """
+    import cupy
+
+    tf32 = os.environ.get("CUPY_TF32", "")
+    if _tf32_requested(tf32):
+        _warn_tf32(tf32)
+    return ArrayBackend(f"cuda:{index}", cupy, lambda: SERIAL, None, device_index=index)

@@ -41,7 +41,7 @@ import numpy as np
 
 from ._parallel import SERIAL, Parallel
 
-__all__ = ["DEFAULT_WORKING_SET", "SearchOutput", "exact_scores", "flat_topk"]
+__all__ = ["DEFAULT_WORKING_SET", "SearchOutput", "canonical_sum", "exact_scores", "flat_topk"]
 
 Array = Any  # an xp.ndarray
 MatVec = Callable[[Array, Array, Array], None]  # matvec(A, v, out): out[:] = A @ v
@@ -65,23 +65,60 @@ class SearchOutput:
 
 
 def exact_scores(xp: Any, metric: str, A: Array, q: Array) -> Array:
-    """Distances from each row of ``A`` to the vectors ``q`` in float64.
+    """Distances from each row of ``A`` to the vectors ``q`` in float64: the canonical score.
 
-    ``A`` is ``(..., d)`` and ``q`` broadcasts against it. Per-row sums of products (``einsum``'s
-    own loops, not BLAS) keep identical rows bit-identical, so exact ties stay ties.
+    ``A`` is ``(..., d)`` and ``q`` broadcasts against it. Every term is computed elementwise
+    in float64 (a product of two float32 values is exact in float64) and the ``d`` terms are
+    summed in one fixed order (:func:`canonical_sum`), never by BLAS or a library reduction
+    whose order is its own: the same inputs give bit-identical scores on every device, and
+    identical rows give identical scores, so exact ties stay ties.
     """
-    q = q.astype(xp.float64, copy=False)
     if metric == "l2":
-        diff = xp.subtract(A, q, dtype=xp.float64)  # float32 rows widen exactly, in the same pass
-        return xp.sqrt(xp.einsum("...d,...d->...", diff, diff))
-    A = A.astype(xp.float64, copy=False)
-    dot = xp.einsum("...d,...d->...", A, q)
+        terms = _terms(xp, xp.subtract, A, q)  # each difference rounded once, the same everywhere
+        xp.multiply(terms, terms, out=terms)
+        return xp.sqrt(canonical_sum(xp, terms))
+    dot = canonical_sum(xp, _terms(xp, xp.multiply, A, q))
     if metric == "dot":
         return -dot
-    denom = xp.einsum("...d,...d->...", A, A) * xp.einsum("...d,...d->...", q, q)
+    denom = canonical_sum(xp, _terms(xp, xp.multiply, A, A)) * canonical_sum(
+        xp, _terms(xp, xp.multiply, q, q)
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         out = 1.0 - dot / xp.sqrt(denom)
     return xp.where(denom == 0, xp.nan, out)
+
+
+def _terms(xp: Any, op: Any, a: Array, b: Array) -> Array:
+    """``op(a, b)`` in float64 with the last (vector) axis moved first, ``(d, ...)``: the
+    summation then adds whole contiguous blocks."""
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    terms = xp.empty((shape[-1], *shape[:-1]), dtype=xp.float64)
+    a, b = (x.reshape((1,) * (len(shape) - x.ndim) + x.shape) for x in (a, b))
+    op(xp.moveaxis(a, -1, 0), xp.moveaxis(b, -1, 0), out=terms, dtype=xp.float64)
+    return terms
+
+
+def canonical_sum(xp: Any, terms: Array) -> Array:
+    """The sum over the first axis in one fixed order, independent of device and library: the
+    upper half of the terms is added onto the lower half (the middle term of an odd count
+    stays) until one is left. Each step is an elementwise float64 addition, which rounds the
+    same way on every IEEE device (no fused multiply-add: the terms were rounded before).
+    Consumes ``terms`` (summed in place).
+
+    >>> import numpy as np
+    >>> float(canonical_sum(np, np.array([1e16, 1.0, -1e16, 1.0])))  # (1e16 - 1e16) + (1 + 1)
+    2.0
+    """
+    n = int(terms.shape[0])
+    if n == 0:
+        return xp.zeros(terms.shape[1:], dtype=xp.float64)
+    while n > 1:
+        h = n // 2
+        terms[:h] += terms[n - h : n]
+        n -= h
+    # + 0.0 turns a -0.0 sum into +0.0: a zero is always the same zero, whatever the signs of
+    # the zero terms it came from.
+    return terms[0] + 0.0
 
 
 @dataclass(frozen=True)
@@ -437,8 +474,10 @@ def _kth_run_min(xp: Any, S: Array, kth: int, g: int, rows_axis: int) -> Array:
             S = S[: nr * g].reshape(g, nr, *S.shape[1:]).min(axis=0)
         else:
             S = S[:, : nr * g].reshape(S.shape[0], g, nr).min(axis=1)
-    # A run holding a NaN has a NaN minimum: it sorts last and is not counted.
-    return _nan_to_inf(xp, xp.take(xp.partition(S, kth - 1, axis=rows_axis), kth - 1, axis=rows_axis))
+    # A run holding a NaN has a NaN minimum, which must not be counted: it becomes +inf before
+    # the partition (CuPy's bitonic partition compares with `<`, which a NaN breaks).
+    S = _nan_to_inf(xp, S)
+    return xp.take(xp.partition(S, kth - 1, axis=rows_axis), kth - 1, axis=rows_axis)
 
 
 def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int) -> Array:

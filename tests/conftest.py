@@ -8,6 +8,8 @@ durable database and opens it again (for a memory database it returns ``db`` unc
 from __future__ import annotations
 
 import importlib.util
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +19,43 @@ import iqdb
 
 
 def _gpu_reason() -> str | None:
+    """Why this machine cannot run the GPU cells, or ``None`` when it can.
+
+    Probed directly (CuPy importable, version 14 or later, a device that computes), never
+    through iqdb: if iqdb's own GPU path is broken, the GPU cells must run and fail, not skip.
+    """
     if importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed (pip install 'iqdb[gpu]')"
+    # A warning at CuPy's import (an error under our filterwarnings) must not turn into a skip.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _probe_cupy()
+
+
+def _probe_cupy() -> str | None:
     try:
-        iqdb.open_in_memory(device="cuda").close()
-    except iqdb.DeviceUnavailable as exc:
-        return f"no usable GPU: {exc}"
+        import cupy
+    except Exception as exc:
+        return f"CuPy failed to import: {exc!r}"
+    version = str(getattr(cupy, "__version__", "unknown"))
+    major = re.match(r"\d+", version)
+    if major is None or int(major.group()) < 14:
+        return f"CuPy {version} is older than 14 (pip install 'iqdb[gpu]')"
+    try:
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:
+        return f"no CUDA device: {exc!r}"
+    if count < 1:
+        return "no CUDA device: the CUDA runtime reports 0 devices"
+    try:
+        with cupy.cuda.Device(0):
+            x = cupy.zeros(4, dtype=cupy.float32)
+            x += 1
+            total = float(x.sum())
+    except Exception as exc:
+        return f"CUDA device 0 does not answer: {exc!r}"
+    if total != 4.0:
+        return f"CUDA device 0 does not answer: a test sum gave {total}, not 4.0"
     return None
 
 

@@ -528,3 +528,41 @@ def test_a_rescan_with_dead_rows_and_a_huge_rounding_bound_stays_exact() -> None
     out = flat_topk(np, X, row_norms_sq(np, X), ids, Q, 12, "l2", dead=dead, working_set=64 << 10)
     assert not np.isin(out.rows, dead).any()
     same((ids[out.rows].tolist(), out.scores.tolist()), reference(X, ids, Q, 12, "l2", live))
+
+
+def _fold(terms: list[float]) -> float:
+    """The canonical order, written out in plain Python: the upper half added onto the lower."""
+    t = list(terms)
+    n = len(t)
+    while n > 1:
+        h = n // 2
+        for i in range(h):
+            t[i] += t[n - h + i]
+        n -= h
+    return t[0] + 0.0
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 128, 769])
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_scores_are_the_canonical_sum_bit_for_bit(d: int, metric: str) -> None:
+    """The score users see is defined by one summation order (so every device gives the same
+    bits): each float64 term rounded once, then folded upper half onto lower half."""
+    import math
+
+    rng = np.random.default_rng(d)
+    A = (rng.standard_normal((6, d)) * rng.choice([1e-3, 1.0, 1e3], (6, d))).astype(np.float32)
+    A[5] = 0.0
+    q = rng.standard_normal(d).astype(np.float32)
+    got = _flat.exact_scores(np, metric, A, q.astype(np.float64)[None, :])
+    for row, score in zip(A, got.tolist()):
+        a, b = [float(x) for x in row], [float(x) for x in q]
+        if metric == "l2":
+            want = math.sqrt(_fold([(x - y) * (x - y) for x, y in zip(a, b)]))
+        elif metric == "dot":
+            want = -_fold([x * y for x, y in zip(a, b)])
+        else:
+            denom = _fold([x * x for x in a]) * _fold([y * y for y in b])
+            want = math.nan if denom == 0 else 1.0 - _fold([x * y for x, y in zip(a, b)]) / math.sqrt(denom)
+        assert (math.isnan(want) and math.isnan(score)) or np.float64(score).tobytes() == np.float64(
+            want
+        ).tobytes()
