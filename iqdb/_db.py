@@ -70,18 +70,20 @@ class _FairSlots:
 
     def __init__(self, slots: int) -> None:
         self._mutex = threading.Lock()
-        self._free = slots
+        self._slots = self._free = slots
         self._waiters: collections.deque[threading.Lock] = collections.deque()
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Take a slot (waiting in turn); ``True`` if no other slot is taken now."""
         with self._mutex:
             if self._free and not self._waiters:
                 self._free -= 1
-                return
+                return self._free == self._slots - 1
             me = threading.Lock()
             me.acquire()
             self._waiters.append(me)
         me.acquire()  # released by the thread that hands this one its slot
+        return self._slots == 1
 
     def release(self) -> None:
         with self._mutex:
@@ -91,7 +93,12 @@ class _FairSlots:
                 self._free += 1
 
 
-_KERNEL_SLOTS = _FairSlots(max(1, os.cpu_count() or 1))
+# Searches that run their kernel at once: one per core but one, which is left to the rest of
+# the process (a writer, the application's own threads); a search running alone splits over
+# the cores. Measured with bench_concurrency.py on 2 vCPUs (8 search threads and a writer, 4 s
+# phases): one slot kept 0.29-0.44 of the search rate and 0.6-0.7 of the writer's, two slots
+# (no split) 0.34-0.50 and 0.36-0.47.
+_KERNEL_SLOTS = _FairSlots(max(1, (os.cpu_count() or 2) - 1))
 
 
 def _check_working_set(working_set: object) -> int:
@@ -436,7 +443,7 @@ class Iqdb:
         DimensionMismatch
             The vector's dimension differs from the database's (``left`` = vector, ``right`` = db).
         """
-        self._check_writable()
+        self._check_open()  # the rest of _check_writable runs under the writer mutex
         if not isinstance(record, Record):
             raise InvalidArgument(f"upsert takes a Record, got {type(record).__name__}")
         vectors = record.vector.to_numpy()[None, :]
@@ -707,13 +714,12 @@ class Iqdb:
         be = self._store.backend
         dead = None if rows is not None else v.dead_rows()
         self._searching.append(None)
-        # Splitting one search over the cores pays off only when it has them to itself; next
-        # to other searches it only adds thread hand-offs (and GIL waits) to each of them.
-        parallel = be.parallel if len(self._searching) == 1 else SERIAL
-        # At most one search per core runs its kernel at a time; the others wait on a
-        # semaphore, in order, instead of competing for the GIL with the running ones and with
-        # the writer (the cores are busy anyway, so throughput does not change).
-        _KERNEL_SLOTS.acquire()
+        # Only a few searches run their kernel at a time (_KERNEL_SLOTS); the others wait, in
+        # order, instead of competing for the GIL with the running ones and with the writer.
+        # Splitting one search over the cores pays off only when it runs alone; next to other
+        # searches it only adds thread hand-offs (and GIL waits) to each of them.
+        alone = _KERNEL_SLOTS.acquire()
+        parallel = be.parallel if alone else SERIAL
         try:
             out = flat_topk(
                 be.xp,

@@ -223,7 +223,7 @@ class ColumnStore:
         # Odd from a write's first change to the published layout's index until its version
         # is published: lock-free look-ups retry meanwhile.
         self._changing = 0
-        self._undo: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]] | None = None
+        self._undo: tuple[npt.NDArray[np.uint64] | int, npt.NDArray[np.int64] | int] | None = None
         self.version = Version(self._layout, 0, 0, 0, self._log, 0, self._bounds)
 
     # -- what a search and the tests read ---------------------------------------------------
@@ -334,7 +334,7 @@ class ColumnStore:
             if nsq < lo or nsq > hi:
                 self._bounds = (min(lo, nsq), max(hi, nsq))
         old = L.index.get(rid)
-        self._begin(ids_of(rid), np.array([-1 if old is None else old], dtype=np.int64))
+        self._begin(rid, -1 if old is None else old)
         L.index.set(rid, row)
         if old is None:
             self.live += 1
@@ -367,10 +367,10 @@ class ColumnStore:
         """Remove one id; ``False`` if absent."""
         return self.delete_many(ids_of(rid)) == 1
 
-    def _begin(self, ids: npt.NDArray[np.uint64], old_rows: npt.NDArray[np.int64]) -> None:
-        """The index is about to map ``ids`` away from ``old_rows`` (-1: absent): remember how
-        to undo it, and if searches can see this layout, make lock-free look-ups wait until the
-        version is published (see :meth:`lookup`)."""
+    def _begin(self, ids: npt.NDArray[np.uint64] | int, old_rows: npt.NDArray[np.int64] | int) -> None:
+        """The index is about to map ``ids`` away from ``old_rows`` (-1: absent; one id may come
+        as plain ints): remember how to undo it, and if searches can see this layout, make
+        lock-free look-ups wait until the version is published (see :meth:`lookup`)."""
         self._undo = (ids, old_rows)
         if self._layout is self.version.layout and not self._changing & 1:
             self._changing += 1
@@ -382,7 +382,8 @@ class ColumnStore:
             L = self._layout
             del L.payloads[v.n :]
             if self._undo is not None:
-                ids, old_rows = self._undo
+                ids, old_rows = (np.asarray(a).reshape(-1) for a in self._undo)
+                ids, old_rows = ids.astype(np.uint64), old_rows.astype(np.int64)
                 back = old_rows >= 0
                 for rid in ids[~back].tolist():
                     L.index.pop(rid)

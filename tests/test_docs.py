@@ -42,6 +42,7 @@ MODULES = [
     "iqdb._fs",
     "iqdb.kernels",
     "iqdb.kernels._flat",
+    "iqdb.kernels._select",
 ]
 
 
