@@ -537,6 +537,24 @@ class Iqdb:
             self._check_writable()
             self._backend.compact(self._store)
 
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes the database holds: ``{"host": ..., "device": ...}``.
+
+        ``device`` counts the vectors and their norms when search runs on a GPU (0 on the CPU,
+        where they are host memory); ``host`` counts everything else: ids, the id index, deleted
+        rows not yet dropped, and the payload objects (an estimate: Python's own sizes, an object
+        shared by several payloads counted for each).
+
+        >>> import iqdb
+        >>> db = iqdb.open_in_memory()
+        >>> db.upsert(iqdb.Record(1, [1.0, 2.0]))
+        >>> usage = db.memory_usage()
+        >>> usage["device"], usage["host"] > 0
+        (0, True)
+        """
+        self._check_open()
+        return self._store.memory_usage()
+
     def check(self) -> dict[str, Any]:
         """Verify the stored files' integrity; a report of what was found (``report["ok"]``)."""
         self._check_open()

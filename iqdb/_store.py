@@ -34,6 +34,7 @@ One writer at a time: the handle serialises writes with a mutex that readers nev
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -258,6 +259,18 @@ class ColumnStore:
     def nbytes(self) -> int:
         """Bytes held by the columns, the dead log and the id index (not the payload objects)."""
         return self._layout.nbytes() + int(self._log.rows.nbytes)
+
+    def memory_usage(self) -> dict[str, int]:
+        """``{"host": bytes, "device": bytes}`` of the current layout: the columns on the search
+        device count as ``device`` unless that device is the CPU; the ids, the id index, the
+        dead log and the payloads (estimated from their encoded form's size class) are host."""
+        L = self._layout
+        on_device = sum(int(a.nbytes) for a in (L.matrix, L.norms, L.norms32, L.inv32))
+        host = int(L.ids.nbytes) + L.index.nbytes() + int(self._log.rows.nbytes)
+        host += sum(_object_bytes(p._items) for p in L.payloads[: self.n] if p is not None)
+        if self.backend.xp is np:
+            return {"host": host + on_device, "device": 0}
+        return {"host": host, "device": on_device}
 
     def lookup(self, rid: int) -> tuple[Version, int] | None:
         """The published version and the row holding ``rid`` in it, or ``None`` if absent.
@@ -556,6 +569,16 @@ class ColumnStore:
     def vector_of(self, row: int) -> npt.NDArray[np.float32]:
         """A host copy of one row of the current layout."""
         return np.array(self.backend.to_host(self._layout.matrix[row]), dtype=np.float32, copy=True)
+
+
+def _object_bytes(value: object) -> int:
+    """Python's own size of a payload value and everything it holds."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(sys.getsizeof(k) + _object_bytes(v) for k, v in value.items())
+    elif isinstance(value, list):
+        size += sum(_object_bytes(v) for v in value)
+    return size
 
 
 def ids_of(rid: int) -> npt.NDArray[np.uint64]:

@@ -473,3 +473,18 @@ def test_poisoned_carries_the_errno_filename_and_cause_of_the_failure(tmp_path: 
         assert info.value.filename == str(tmp_path / "wal")
         assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.EIO
     db.close()
+
+
+def test_memory_usage_counts_the_vectors_and_the_payloads() -> None:
+    db = iqdb.open_in_memory()
+    assert db.memory_usage() == {"host": db._store.nbytes(), "device": 0}
+    n, d = 10_000, 32
+    db.upsert_many(np.arange(n), np.ones((n, d), dtype=np.float32))
+    bare = db.memory_usage()["host"]
+    assert n * d * 4 <= bare <= 1.5 * n * (d * 4 + 40)
+    db.upsert_many(np.arange(n), np.ones((n, d), dtype=np.float32), [{"text": "x" * 200}] * n)
+    with_payloads = db.memory_usage()["host"]
+    assert with_payloads - bare >= n * 200  # the payload strings are counted
+    db.close()
+    with pytest.raises(Closed):
+        db.memory_usage()
