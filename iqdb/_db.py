@@ -82,7 +82,17 @@ class _FairSlots:
             me = threading.Lock()
             me.acquire()
             self._waiters.append(me)
-        me.acquire()  # released by the thread that hands this one its slot
+        try:
+            me.acquire()  # released by the thread that hands this one its slot
+        except BaseException:
+            # Interrupted while waiting (KeyboardInterrupt): leave the queue, or pass on the
+            # slot if it was handed over meanwhile, so no slot is ever lost.
+            with self._mutex:
+                if me in self._waiters:
+                    self._waiters.remove(me)
+                    raise
+            self.release()
+            raise
         return self._slots == 1
 
     def release(self) -> None:

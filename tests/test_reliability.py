@@ -488,3 +488,27 @@ def test_memory_usage_counts_the_vectors_and_the_payloads() -> None:
     db.close()
     with pytest.raises(Closed):
         db.memory_usage()
+
+
+def test_the_kernel_slots_serve_waiters_in_order_and_never_lose_a_slot() -> None:
+    from iqdb._db import _FairSlots
+
+    slots = _FairSlots(1)
+    assert slots.acquire() is True
+    order: list[int] = []
+
+    def wait(i: int) -> None:
+        slots.acquire()
+        order.append(i)
+        slots.release()
+
+    threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # queue them in a known order
+    slots.release()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4]
+    assert slots.acquire() is True  # every slot came back
+    slots.release()
