@@ -65,6 +65,9 @@ def test_searches_finish_while_a_thread_writes_in_a_loop(storage: str, tmp_path:
 
     w = threading.Thread(target=writer, daemon=True)
     w.start()
+    started = time.monotonic()
+    while writes[0] == 0 and time.monotonic() - started < 10:
+        time.sleep(0.001)  # the searches start once the writer is writing
     try:
         _run_until([threading.Thread(target=searcher, daemon=True) for _ in range(4)], time.monotonic() + 30)
     finally:
