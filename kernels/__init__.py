@@ -12,7 +12,7 @@ device. Nothing here imports :mod:`iqdb` (imports flow handle -> storage -> kern
 from __future__ import annotations
 
 from ._backend import ArrayBackend, cpu_backend, gpu_backend
-from ._flat import DEFAULT_WORKING_SET, SearchOutput, exact_scores, flat_topk
+from ._flat import DEFAULT_WORKING_SET, SearchOutput, canonical_sum, exact_scores, flat_topk
 from ._parallel import SERIAL
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SERIAL",
     "ArrayBackend",
     "SearchOutput",
+    "canonical_sum",
     "cpu_backend",
     "exact_scores",
     "flat_topk",

@@ -132,6 +132,8 @@ class _Candidates:
     norms32: Array
     inv32: Array | None  # 1/|x| as float32 (COSINE only); inf for a zero row
     dead: Array | None = None  # sorted candidate positions never to return (deleted rows)
+    # The same positions on the host: each tile finds its share with no device round trip.
+    dead_host: np.ndarray[Any, Any] | None = None
 
     @property
     def n(self) -> int:
@@ -144,9 +146,9 @@ class _Candidates:
     def mask_dead(self, xp: Any, S: Array, t0: int, t1: int, rows_axis: int) -> None:
         """Set the scores of dead candidates among ``t0:t1`` to NaN: a NaN is never admitted (and
         the rows a NaN score marks are completed from :meth:`live_positions`, never from ``S``)."""
-        if self.dead is None:
+        if self.dead is None or self.dead_host is None:
             return
-        a, b = _to_list(xp, xp.searchsorted(self.dead, xp.asarray([t0, t1], dtype=xp.int64)))
+        a, b = (int(i) for i in np.searchsorted(self.dead_host, [t0, t1]))
         if a == b:
             return
         hit = self.dead[a:b] - t0
@@ -174,7 +176,15 @@ class _Candidates:
             at = xp.minimum(xp.searchsorted(self.dead, pos), self.dead.shape[0] - 1)
             dead = xp.flatnonzero(self.dead[at] == pos)
             dead = dead if dead.shape[0] else None
-        return _Candidates(self.X, self.row_index(0, pos, xp), self.norms[pos], self.norms32[pos], inv, dead)
+        return _Candidates(
+            self.X,
+            self.row_index(0, pos, xp),
+            self.norms[pos],
+            self.norms32[pos],
+            inv,
+            dead,
+            _on_host(xp, dead),
+        )
 
 
 def flat_topk(
@@ -245,7 +255,9 @@ def flat_topk(
             inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
     if dead is not None and dead.shape[0] == 0:
         dead = None
-    cand = _Candidates(X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead)
+    cand = _Candidates(
+        X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead, _on_host(xp, dead)
+    )
     if rows is not None:
         cand = cand.subset(rows, xp)
     n_cand = cand.n
@@ -517,7 +529,9 @@ def _sample_bound(
     step = n // s
     sub = cand.subset(xp.arange(s, dtype=xp.int64) * step + step // 2, xp)
     # One contiguous copy of the sampled rows, shared by the workers (each takes some queries).
-    sub = _Candidates(xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32, sub.dead)
+    sub = _Candidates(
+        xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32, sub.dead, sub.dead_host
+    )
     out = xp.empty(mb, dtype=cdtype)
     workers = min(parallel.workers, mb) if mb * s * d >= _MIN_WORK else 1
     cuts = [mb * w // workers for w in range(workers + 1)]
@@ -576,6 +590,14 @@ def _workers(available: int, mb: int, n: int, d: int) -> int:
 
 def _nan_to_inf(xp: Any, a: Array) -> Array:
     return xp.where(xp.isnan(a), xp.inf, a)
+
+
+def _on_host(xp: Any, a: Array | None) -> np.ndarray[Any, Any] | None:
+    """A host copy of a small index array (one download on a GPU; none on the CPU)."""
+    if a is None:
+        return None
+    host: np.ndarray[Any, Any] = a if xp is np else a.get()
+    return host
 
 
 def _to_list(xp: Any, a: Array) -> list[int]:
