@@ -587,7 +587,7 @@ class Iqdb:
         v, row = found
         layout = v.layout
         payload = layout.payloads[row]
-        vector = np.array(layout.backend.to_host(layout.matrix[row]), dtype=np.float32, copy=True)
+        vector = layout.matrix[row].copy()
         return Record._trusted(key, Vector._trusted(vector), None if payload is None else payload.copy())
 
     def search(
@@ -740,7 +740,8 @@ class Iqdb:
             raise DimensionMismatch(left=int(Q.shape[1]), right=v.dim)
         rows = None if predicate is None else self._filter_rows(v, predicate)
         be = self._store.backend
-        dead = None if rows is not None else v.dead_rows()
+        dead = None if rows is not None else v.device_dead_rows()
+        X, norms, norms32, inv32, dev_ids = v.device_columns()
         self._searching.append(None)
         # Only a few searches run their kernel at a time (_KERNEL_SLOTS); the others wait, in
         # order, instead of competing for the GIL with the running ones and with the writer.
@@ -751,16 +752,16 @@ class Iqdb:
         try:
             out = flat_topk(
                 be.xp,
-                v.matrix,
-                v.norms,
-                v.device_ids,
+                X,
+                norms,
+                dev_ids,
                 be.asarray(Q),
                 k,
                 metric.value,
                 None if rows is None else be.asarray(rows),
-                dead=None if dead is None else be.asarray(dead),
-                norms32=v.norms32,
-                inv_norms32=v.inv_norms32,
+                dead=dead,
+                norms32=norms32,
+                inv_norms32=inv32,
                 norm_bounds=v.bounds,
                 working_set=self._working_set,
                 parallel=parallel,
@@ -775,7 +776,7 @@ class Iqdb:
     def _filter_rows(self, v: Version, predicate: Predicate) -> npt.NDArray[np.int64]:
         """Live rows of ``v`` whose record passes ``predicate`` (the escape hatch: one call per
         record). The predicate may read this handle but not change it."""
-        matrix = v.layout.backend.to_host(v.matrix)
+        matrix = v.matrix  # the host columns: no copy from the device
         rows = v.live_rows()
         ids, payloads = v.ids, v.payloads
         local = self._local

@@ -293,12 +293,12 @@ class DurableBackend:
             ids, vectors, payloads, norms = store.live_columns()
             data = SnapshotData(
                 ids=ids,
-                vectors=store.backend.to_host(vectors),
+                vectors=vectors,
                 payloads=payloads,
                 dim=store.dim,
                 generation=self.generation + 1,
                 last_seq=self.last_seq,
-                norms=store.backend.to_host(norms),
+                norms=norms,
             )
             try:
                 write_snapshot(self.fs, self.tmp_path, data)  # written and fsynced

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from typing import Any
 
@@ -80,27 +81,105 @@ class _Layout:
         "index",
         "inv32",
         "matrix",
+        "mirror",
         "norms",
         "norms32",
         "payloads",
     )
 
     def __init__(self, backend: ArrayBackend, capacity: int, dim: int | None) -> None:
-        xp = backend.xp
         self.backend = backend
         self.capacity = capacity
         self.dim = dim
-        self.matrix: Any = xp.empty((capacity, dim or 0), dtype=xp.float32)
-        self.norms: Any = xp.empty(capacity, dtype=xp.float64)
-        self.norms32: Any = xp.empty(capacity, dtype=xp.float32)
-        self.inv32: Any = xp.empty(capacity, dtype=xp.float32)
+        # The host columns are the truth (what the WAL and the snapshot describe); a GPU
+        # search reads the device mirror, which follows them (see _Mirror).
+        self.matrix: npt.NDArray[np.float32] = np.empty((capacity, dim or 0), dtype=np.float32)
+        self.norms: npt.NDArray[np.float64] = np.empty(capacity, dtype=np.float64)
+        self.norms32: npt.NDArray[np.float32] = np.empty(capacity, dtype=np.float32)
+        self.inv32: npt.NDArray[np.float32] = np.empty(capacity, dtype=np.float32)
         self.ids: npt.NDArray[np.uint64] = np.empty(capacity, dtype=np.uint64)
         self.payloads: list[Payload | None] = []
         self.index = IdIndex()
+        self.mirror = None if backend.xp is np else _Mirror(self)
 
     def nbytes(self) -> int:
         arrays = (self.matrix, self.norms, self.norms32, self.inv32, self.ids)
         return sum(int(a.nbytes) for a in arrays) + self.index.nbytes()
+
+
+class _Mirror:
+    """A layout's columns on the search device, filled on demand: a search first uploads the
+    rows its version has and the mirror lacks (rows below a published count never change, so
+    they are uploaded once, in one batch per search however many writes made them), and a
+    write never touches the device. Growth copies the uploaded rows device to device."""
+
+    __slots__ = ("columns", "layout", "lock", "rows")
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout = layout
+        self.lock = threading.Lock()
+        self.rows = 0  # rows uploaded
+        self.columns: tuple[Any, ...] | None = None  # matrix, norms, norms32, inv32, ids
+
+    def _allocate(self) -> tuple[Any, ...]:
+        L = self.layout
+        xp, cap = L.backend.xp, L.capacity
+        with L.backend.device():
+            return (
+                xp.empty((cap, L.dim or 0), dtype=xp.float32),
+                xp.empty(cap, dtype=xp.float64),
+                xp.empty(cap, dtype=xp.float32),
+                xp.empty(cap, dtype=xp.float32),
+                xp.empty(cap, dtype=xp.uint64),
+            )
+
+    def upto(self, n: int) -> tuple[Any, ...]:
+        """The device columns with at least ``n`` rows uploaded (views of the first ``n``)."""
+        with self.lock:
+            if self.columns is None:
+                self.columns = self._allocate()
+            if self.rows < n:
+                L, be = self.layout, self.layout.backend
+                hosts: tuple[Any, ...] = (L.matrix, L.norms, L.norms32, L.inv32, L.ids)
+                # In pieces of about 32 MiB of vectors: no full-size staging copy of a large
+                # snapshot (the first search after an open uploads it all).
+                step = max(1, (32 << 20) // max(1, 4 * (L.dim or 1)))
+                for lo in range(self.rows, n, step):
+                    hi = min(n, lo + step)
+                    for dev, host in zip(self.columns, hosts):
+                        dev[lo:hi] = be.asarray(host[lo:hi])
+                self.rows = n
+            return tuple(c[:n] for c in self.columns)
+
+    def adopt(self, old: _Mirror, rows: int) -> None:
+        """Start from ``old``'s first ``rows`` uploaded rows (growth: the rows did not move)."""
+        with old.lock:
+            if old.columns is None or old.rows == 0:
+                return
+            k = min(rows, old.rows)
+            self.columns = self._allocate()
+            for dev, src in zip(self.columns, old.columns):
+                dev[:k] = src[:k]
+            self.rows = k
+
+    def gather(self, old: _Mirror, rows: npt.NDArray[np.int64]) -> None:
+        """Start from ``old``'s ``rows`` (ascending), moved to the front (a vacuum), gathered on
+        the device: only the row indices go up."""
+        with old.lock:
+            if old.columns is None:
+                return
+            k = int(np.searchsorted(rows, old.rows))  # the kept rows old had uploaded
+            if k == 0:
+                return
+            be = self.layout.backend
+            idx = be.asarray(rows[:k])
+            self.columns = self._allocate()
+            for dev, src in zip(self.columns, old.columns):
+                dev[:k] = src[idx]
+            self.rows = k
+
+    def nbytes(self) -> int:
+        return 0 if self.columns is None else sum(int(c.nbytes) for c in self.columns)
 
 
 class _DeadLog:
@@ -136,7 +215,7 @@ class Version:
     dead; ``live`` distinct ids remain.
     """
 
-    __slots__ = ("bounds", "layout", "live", "log", "n", "n_dead", "seq")
+    __slots__ = ("_dead_dev", "bounds", "layout", "live", "log", "n", "n_dead", "seq")
 
     def __init__(
         self,
@@ -150,6 +229,7 @@ class Version:
     ) -> None:
         self.layout, self.n, self.seq, self.live = layout, n, seq, live
         self.log, self.n_dead, self.bounds = log, n_dead, bounds
+        self._dead_dev: Any = None
 
     def __len__(self) -> int:
         return self.live
@@ -159,30 +239,31 @@ class Version:
         return self.layout.dim
 
     @property
-    def matrix(self) -> Any:
-        """``(n, d)`` float32 rows (dead ones included: see :meth:`dead_rows`)."""
+    def matrix(self) -> npt.NDArray[np.float32]:
+        """``(n, d)`` float32 rows on the host (dead ones included: see :meth:`dead_rows`)."""
         return self.layout.matrix[: self.n]
-
-    @property
-    def norms(self) -> Any:
-        return self.layout.norms[: self.n]
-
-    @property
-    def norms32(self) -> Any:
-        return self.layout.norms32[: self.n]
-
-    @property
-    def inv_norms32(self) -> Any:
-        return self.layout.inv32[: self.n]
 
     @property
     def ids(self) -> npt.NDArray[np.uint64]:
         return self.layout.ids[: self.n]
 
-    @property
-    def device_ids(self) -> Any:
-        be = self.layout.backend
-        return self.ids if be.xp is np else be.asarray(self.ids)
+    def device_columns(self) -> tuple[Any, Any, Any, Any, Any]:
+        """``(matrix, norms, norms32, inv_norms32, ids)`` of the visible rows on the search
+        device: the host columns themselves on the CPU, the caught-up mirror on a GPU."""
+        L, n = self.layout, self.n
+        if L.mirror is None:
+            return L.matrix[:n], L.norms[:n], L.norms32[:n], L.inv32[:n], L.ids[:n]
+        m, no, n32, inv, ids = L.mirror.upto(n)
+        return m, no, n32, inv, ids
+
+    def device_dead_rows(self) -> Any:
+        """:meth:`dead_rows` on the search device (uploaded once per version), or ``None``."""
+        dead = self.dead_rows()
+        if dead is None or self.layout.mirror is None:
+            return dead
+        if self._dead_dev is None:
+            self._dead_dev = self.layout.backend.asarray(dead)
+        return self._dead_dev
 
     @property
     def payloads(self) -> list[Payload | None]:
@@ -261,16 +342,12 @@ class ColumnStore:
         return self._layout.nbytes() + int(self._log.rows.nbytes)
 
     def memory_usage(self) -> dict[str, int]:
-        """``{"host": bytes, "device": bytes}`` of the current layout: the columns on the search
-        device count as ``device`` unless that device is the CPU; the ids, the id index, the
-        dead log and the payloads (estimated from their encoded form's size class) are host."""
+        """``{"host": bytes, "device": bytes}`` of the current layout: the host columns (the
+        truth), the id index, the dead log and the payloads (an estimate) are host; the mirror
+        a GPU search reads is device."""
         L = self._layout
-        on_device = sum(int(a.nbytes) for a in (L.matrix, L.norms, L.norms32, L.inv32))
-        host = int(L.ids.nbytes) + L.index.nbytes() + int(self._log.rows.nbytes)
-        host += sum(_object_bytes(p._items) for p in L.payloads[: self.n] if p is not None)
-        if self.backend.xp is np:
-            return {"host": host + on_device, "device": 0}
-        return {"host": host, "device": on_device}
+        host = self.nbytes() + sum(_object_bytes(p._items) for p in L.payloads[: self.n] if p is not None)
+        return {"host": host, "device": 0 if L.mirror is None else L.mirror.nbytes()}
 
     def lookup(self, rid: int) -> tuple[Version, int] | None:
         """The published version and the row holding ``rid`` in it, or ``None`` if absent.
@@ -307,16 +384,14 @@ class ColumnStore:
         if m == 1:
             self._upsert_one(int(ids[0]), vectors[0], payloads[0])
             return
-        xp = self.backend.xp
-        dev_vectors = self.backend.asarray(vectors)
-        norms = row_norms_sq(xp, dev_vectors)
+        norms = row_norms_sq(np, vectors)
         self._reserve(m, d)
         L = self._layout
         old = L.index.get_many(ids)
         replaced = old[old >= 0]
         start = self.n
         where = slice(start, start + m)
-        L.matrix[where] = dev_vectors
+        L.matrix[where] = vectors
         self._set_norms(L, where, norms)
         L.ids[where] = ids
         L.payloads.extend(payloads)
@@ -334,7 +409,7 @@ class ColumnStore:
         self._reserve(1, int(vector.shape[0]))
         L = self._layout
         row = self.n
-        L.matrix[row] = self.backend.asarray(vector)
+        L.matrix[row] = vector
         L.norms[row] = nsq
         # float32 caches, clamped: rows beyond float32's range make search score in float64.
         L.norms32[row] = min(nsq, _F32_MAX)
@@ -431,7 +506,7 @@ class ColumnStore:
             log = self._log = _DeadLog(max(64, int((self.n_dead + k) * 1.5)), log, self.n_dead)
         log.rows[self.n_dead : self.n_dead + k] = rows
         self.n_dead += k
-        killed = self.backend.to_host(self._layout.norms[self.backend.asarray(rows)])
+        killed = self._layout.norms[rows]
         lo, hi = self._bounds
         if bool(np.any((killed > 0) & ((killed <= lo) | (killed >= hi)))):
             self._bounds_stale = True
@@ -457,7 +532,7 @@ class ColumnStore:
 
     def _live_bounds(self) -> tuple[float, float]:
         """Exact (min, max) of the live rows' nonzero squared norms (after an extreme row died)."""
-        norms = self.backend.to_host(self._layout.norms[: self.n])
+        norms = self._layout.norms[: self.n]
         if self.n_dead:
             norms = np.delete(norms, self._log.rows[: self.n_dead])
         positive = norms[norms > 0]
@@ -465,8 +540,8 @@ class ColumnStore:
             return (math.inf, 0.0)
         return (float(positive.min()), float(positive.max()))
 
-    def _set_norms(self, L: _Layout, where: Any, norms: Any) -> None:
-        xp = self.backend.xp
+    def _set_norms(self, L: _Layout, where: Any, norms: npt.NDArray[np.float64]) -> None:
+        xp = np
         L.norms[where] = norms
         # Extreme rows overflow these float32 caches; search then scores in float64 (see
         # bounds), so the overflow is expected and harmless.
@@ -497,13 +572,13 @@ class ColumnStore:
     def _relayout(self, cap: int, d: int) -> None:
         """Move the live rows, in order, to a new layout of ``cap`` rows; the old one is left as
         it is for the searches that still read it."""
-        old, xp = self._layout, self.backend.xp
+        old, xp = self._layout, np
         new = _Layout(self.backend, cap, d if old.dim is None else old.dim)
         if self.n_dead:
             keep = np.ones(self.n, dtype=bool)
             keep[self._log.rows[: self.n_dead]] = False
             rows = np.flatnonzero(keep)
-            dev_rows = self.backend.asarray(rows)
+            dev_rows = rows
             k = int(rows.shape[0])
             xp.take(old.matrix[: self.n], dev_rows, axis=0, out=new.matrix[:k])
             for a, b in ((new.norms, old.norms), (new.norms32, old.norms32), (new.inv32, old.inv32)):
@@ -511,20 +586,25 @@ class ColumnStore:
             new.ids[:k] = old.ids[rows]
             new.payloads = [old.payloads[r] for r in rows.tolist()]
             new.index.load(new.ids[:k], np.arange(k, dtype=np.int64))
+            if new.mirror is not None and old.mirror is not None:
+                new.mirror.gather(old.mirror, rows)
             self.n, self.n_dead = k, 0
             self._log = _DeadLog(0)
         elif self.n:
             k = self.n
-            for a, b in (
+            pairs: tuple[tuple[Any, Any], ...] = (
                 (new.matrix, old.matrix),
                 (new.norms, old.norms),
                 (new.norms32, old.norms32),
                 (new.inv32, old.inv32),
                 (new.ids, old.ids),
-            ):
+            )
+            for a, b in pairs:
                 a[:k] = b[:k]
             new.payloads = list(old.payloads[:k])
             new.index = old.index.copy()
+            if new.mirror is not None and old.mirror is not None:
+                new.mirror.adopt(old.mirror, k)
         self._layout = new
 
     def load(
@@ -542,14 +622,12 @@ class ColumnStore:
         follow."""
         self.clear()
         n = int(ids.shape[0])
-        xp = self.backend.xp
         cap = max(_MIN_CAPACITY, int(n * headroom) + extra) if dim is not None else 0
         L = self._layout = _Layout(self.backend, cap, dim)
-        L.matrix[:n] = self.backend.asarray(matrix)
+        L.matrix[:n] = matrix
         if n:
-            live = L.matrix[:n]
             self._set_norms(
-                L, slice(0, n), row_norms_sq(xp, live) if norms is None else self.backend.asarray(norms)
+                L, slice(0, n), row_norms_sq(np, L.matrix[:n]) if norms is None else np.asarray(norms)
             )
         L.ids[:n] = ids
         L.payloads = list(payloads)
@@ -568,7 +646,7 @@ class ColumnStore:
     # -- reads ----------------------------------------------------------------------------
     def vector_of(self, row: int) -> npt.NDArray[np.float32]:
         """A host copy of one row of the current layout."""
-        return np.array(self.backend.to_host(self._layout.matrix[row]), dtype=np.float32, copy=True)
+        return np.array(self._layout.matrix[row], dtype=np.float32, copy=True)
 
 
 def _object_bytes(value: object) -> int:

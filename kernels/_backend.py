@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,12 @@ class ArrayBackend:
     def parallel(self) -> Parallel:
         """How a search splits over cores on this device."""
         return self.parallel_factory()
+
+    def device(self) -> AbstractContextManager[Any]:
+        """A context in which new arrays are allocated on this backend's device."""
+        if self.device_index is None:
+            return contextlib.nullcontext()
+        return self.xp.cuda.Device(self.device_index)  # type: ignore[no-any-return]
 
     def asarray(self, host: np.ndarray[Any, Any]) -> Any:
         """Move a host array to this backend's device (no copy on the CPU)."""

@@ -350,18 +350,18 @@ def test_the_select_k_twin_runs_on_the_standin_without_a_sync(k: int) -> None:
 def store_search(store: ColumnStore, Q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """What ``Iqdb._search`` does with the store's version (no filter)."""
     v, be = store.version, store.backend
-    dead = v.dead_rows()
+    X, norms, norms32, inv32, ids = v.device_columns()
     out = flat_topk(
         be.xp,
-        v.matrix,
-        v.norms,
-        v.device_ids,
+        X,
+        norms,
+        ids,
         be.asarray(Q),
         k,
         metric,
-        dead=None if dead is None else be.asarray(dead),
-        norms32=v.norms32,
-        inv_norms32=v.inv_norms32,
+        dead=v.device_dead_rows(),
+        norms32=norms32,
+        inv_norms32=inv32,
         norm_bounds=v.bounds,
         matvec=be.matvec,
     )
@@ -403,31 +403,18 @@ def test_the_store_on_the_standin_answers_as_on_the_cpu() -> None:
         assert t.implicit == 0 and t.dispatches == 0
         v, w = cpu.version, dev.version
         assert (v.n, v.n_dead, v.live, v.bounds) == (w.n, w.n_dead, w.live, w.bounds)
-        np.testing.assert_array_equal(dev.backend.to_host(w.matrix), v.matrix)
-        np.testing.assert_array_equal(bits(dev.backend.to_host(w.norms)), bits(v.norms))
+        np.testing.assert_array_equal(w.matrix, v.matrix)
+        np.testing.assert_array_equal(bits(w.layout.norms[: w.n]), bits(v.layout.norms[: v.n]))
+        dev_cols = w.device_columns()
+        np.testing.assert_array_equal(dev.backend.to_host(dev_cols[0]), v.matrix)
+        np.testing.assert_array_equal(bits(dev.backend.to_host(dev_cols[1])), bits(v.layout.norms[: v.n]))
         for metric in METRICS:
             for k in (1, 10):
                 for q in (Q[:1], Q):
                     assert_same(store_search(dev, q, k, metric), store_search(cpu, q, k, metric))
 
 
-def _write_uploads(label: str) -> Tally:
-    """The ledger of one write of the script, on a stand-in store that ran the ones before it."""
-    store = ColumnStore(standin_backend())
-    for name, write in store_writes(np.random.default_rng(3)):
-        if name == label:
-            with ledger.record() as t:
-                write(store)
-            print(
-                f"\n{label}: {t.summary()}\n  "
-                + "\n  ".join(f"{e.site}: {e.what} {e.h2d}" for e in t.events if e.h2d)
-            )
-            return t
-        write(store)
-    raise KeyError(label)
-
-
-_KILL = "iqdb/_store.py ColumnStore._kill uploads the killed rows' indices (and downloads their norms)"
+ROW_BYTES = D * 4 + 8 + 4 + 4 + 8  # a row of the mirror: vector, norm (f64), norm (f32), 1/|x|, id
 
 
 @pytest.mark.parametrize(
@@ -435,36 +422,50 @@ _KILL = "iqdb/_store.py ColumnStore._kill uploads the killed rows' indices (and 
     [
         ("insert 500", 500),
         ("insert 1", 1),
-        pytest.param("replace 100 + insert 200", 300, marks=pytest.mark.xfail(strict=True, reason=_KILL)),
-        pytest.param("delete 50", 0, marks=pytest.mark.xfail(strict=True, reason=_KILL)),
+        ("replace 100 + insert 200", 300),
+        ("replace 1 (growth)", 1),
+        ("delete 50", 0),
         ("delete 1", 0),
         ("insert 99", 99),
-        pytest.param(
-            "replace 1 (growth)",
-            1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="iqdb/_store.py ColumnStore._relayout uploads every kept row's index when it "
-                "grows (or vacuums) a store holding dead rows",
-            ),
-        ),
     ],
 )
-def test_a_write_uploads_only_its_rows(label: str, rows: int) -> None:
-    t = _write_uploads(label)
-    assert (t.uploads, t.upload_bytes) == ((1, rows * D * 4) if rows else (0, 0)), t.sites("uploads")
+def test_a_write_touches_no_device_and_the_next_search_uploads_its_rows_once(label: str, rows: int) -> None:
+    """The host columns are the truth; a write changes only them. The next search uploads the
+    rows the mirror lacks (the write's rows; after a growth, the rows were copied device to
+    device) and the version's dead rows, once; a second search uploads only its queries."""
+    store = ColumnStore(standin_backend())
+    Q = np.ones((4, D), dtype=np.float32)
+    for name, write in store_writes(np.random.default_rng(3)):
+        store_search(store, Q, 3, "l2")  # the mirror is caught up before each write
+        if name != label:
+            write(store)
+            continue
+        with ledger.record() as w:
+            write(store)
+        # A growth that drops dead rows gathers the kept rows on the device: only their
+        # indices go up; any other write touches no device at all.
+        moved = store.version.n - rows if label == "replace 1 (growth)" else 0
+        assert (w.upload_bytes, w.downloads, w.syncs, w.implicit) == (8 * moved, 0, 0, 0), w.sites("uploads")
+        with ledger.record() as first:
+            store_search(store, Q, 3, "l2")
+        dead = store.version.n_dead
+        want = Q.nbytes + rows * ROW_BYTES + 8 * dead
+        print(f"\n{label}: write {w.summary()}; next search {first.summary()}")
+        assert first.upload_bytes <= want, first.sites("uploads")
+        assert first.upload_bytes >= Q.nbytes + rows * ROW_BYTES
+        with ledger.record() as second:
+            store_search(store, Q, 3, "l2")
+        assert (second.uploads, second.upload_bytes) == (1, Q.nbytes), second.sites("uploads")
+        return
+    raise KeyError(label)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="iqdb/_store.py Version.device_ids uploads every id per search (a store on a device keeps "
-    "its ids on the host), and the handle uploads the dead rows per search",
-)
 def test_a_search_uploads_only_its_queries() -> None:
     store = ColumnStore(standin_backend())
     for _, write in store_writes(np.random.default_rng(3))[:5]:
         write(store)
     Q = np.ones((4, D), dtype=np.float32)
+    store_search(store, Q, 10, "l2")  # catches the mirror up
     with ledger.record() as t:
         store_search(store, Q, 10, "l2")
     print(f"\nsearch of 4 queries over {store.version.n} rows: {t.summary()}")
@@ -525,16 +526,19 @@ def test_a_durable_database_reopens_onto_the_standin(on_standin: None, tmp_path:
         db.delete(7)
         db._backend._release()  # the process dies: the last writes are only in the WAL
         db._closed = True
-        with ledger.record() as t:
+        with ledger.record() as t_open:
             db = iqdb.Iqdb.open(tmp_path / device, device=device)
         with db:
             assert db._backend.recovery["replayed"] == 2  # the upsert of 10 and the delete
             snap = db._backend.recovery["snapshot_rows"]
-            answers[device] = [db.search_arrays(Q, 9, metric) for metric in METRICS]
-    print(f"\nreopen of {snap} snapshot rows and 10 in the WAL: {t.summary()}")
+            with ledger.record() as t:
+                answers[device] = [db.search_arrays(Q, 9, metric) for metric in METRICS]
+            rows, dead = db._store.version.n, db._store.version.n_dead
+    print(f"\nreopen of {snap} snapshot rows and 10 in the WAL: {t_open.summary()}; searches {t.summary()}")
     for got, want in zip(answers["cuda"], answers["cpu"]):
         assert_same(got, want)
-    # The snapshot's vectors and norms in one upload each, the WAL's 10 rows in one more.
-    assert (t.uploads, t.upload_bytes, t.implicit) == (3, (snap + 10) * D * 4 + snap * 8, 0), t.sites(
-        "uploads"
-    )
+    # Opening touches no device; the first search uploads every stored row once (vector, norms,
+    # id), the dead row once, and each search its queries.
+    assert (t_open.uploads, t_open.implicit) == (0, 0), t_open.sites("uploads")
+    assert t.upload_bytes == rows * (D * 4 + 24) + dead * 8 + len(METRICS) * Q.nbytes, t.sites("uploads")
+    assert t.implicit == 0
