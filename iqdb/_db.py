@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._backend import Backend, DeleteOp, MemoryBackend, Op, UpsertOp, apply_op, dedupe_last
-from ._device import resolve_device
+from ._device import device_queries, resolve_device
 from ._errors import Closed, DimensionMismatch, InvalidArgument, InvalidConfig, Poisoned, StorageError
 from ._payload import Payload, coerce_payload
 from ._store import ColumnStore, Version
@@ -641,7 +641,8 @@ class Iqdb:
         if kk == 0:
             return []
         met = coerce_metric(metric)
-        q = as_vector_array(query)[None, :]
+        q = device_queries(self._store.backend, query, 1)
+        q = as_vector_array(query)[None, :] if q is None else q[None, :]
         return self._search(q, kk, met, predicate, _as_results)[0]
 
     def search_batch(
@@ -675,7 +676,9 @@ class Iqdb:
         k: int,
         metric: DistanceMetric | str = DistanceMetric.COSINE,
         predicate: Predicate | None = None,
-    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float64]]:
+        *,
+        device_output: bool = False,
+    ) -> tuple[Any, Any]:
         """As :meth:`search_batch`, as two arrays instead of result objects.
 
         For many queries or a large ``k``: no per-result objects and no payload copies.
@@ -693,16 +696,24 @@ class Iqdb:
             ``(m, c)`` arrays, ``uint64`` and ``float64``: row ``i`` holds query ``i``'s results
             in order, exactly what :meth:`search_batch` gives for it. ``c = min(k, number of
             records considered)`` is the same for every query (``0`` while the database has
-            never held a vector).
+            never held a vector). With ``device_output=True`` both stay on the search device
+            (CuPy arrays on a GPU, for a server that hands them on, say to PyTorch through
+            DLPack; NumPy arrays on the CPU). Queries that already live on the GPU (CuPy, or
+            anything with ``__cuda_array_interface__`` or a CUDA DLPack capsule) are used there.
 
         Raises
         ------
         As :meth:`search_batch`.
         """
         request = self._batch_request(queries, k, metric, predicate)
+        finish = _as_device_arrays if device_output else _as_arrays
         if request is None:
-            return _as_arrays(self._store.version, _length(queries) or 0, None)
-        return self._search(*request, predicate, _as_arrays)
+            m = _length(queries) or 0
+            if device_output and self._store.backend.xp is not np:
+                be = self._store.backend
+                return be.asarray(np.empty((m, 0), np.uint64)), be.asarray(np.empty((m, 0), np.float64))
+            return _as_arrays(self._store.version, m, None)
+        return self._search(*request, predicate, finish)
 
     def _batch_request(
         self, queries: object, k: object, metric: object, predicate: Predicate | None
@@ -717,6 +728,9 @@ class Iqdb:
         met = coerce_metric(metric)
         if predicate is not None and not callable(predicate):
             raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
+        Q = device_queries(self._store.backend, queries, 2)
+        if Q is not None:
+            return (Q, kk, met) if Q.shape[0] else None
         if _length(queries) == 0:
             return None
         return as_matrix(queries, "queries"), kk, met
@@ -727,7 +741,7 @@ class Iqdb:
         k: int,
         metric: DistanceMetric,
         predicate: Predicate | None,
-        finish: Callable[[Version, int, _Found | None], T],
+        finish: Callable[[Version, int, Any], T],
     ) -> T:
         """Run the kernel on the current version, without any lock; ``finish`` turns its rows and
         scores (``None`` while the database has never held a vector) into the caller's form."""
@@ -755,7 +769,7 @@ class Iqdb:
                 X,
                 norms,
                 dev_ids,
-                be.asarray(Q),
+                be.asarray(Q) if isinstance(Q, np.ndarray) else Q,
                 k,
                 metric.value,
                 None if rows is None else be.asarray(rows),
@@ -770,6 +784,8 @@ class Iqdb:
         finally:
             _KERNEL_SLOTS.release()
             self._searching.pop()
+        if finish is _as_device_arrays:
+            return finish(v, Q.shape[0], (dev_ids[out.rows], out.scores))
         found = (be.to_host(out.rows), be.to_host(out.scores))
         return finish(v, Q.shape[0], found)
 
@@ -841,6 +857,13 @@ def _as_results(v: Version, m: int, found: _Found | None) -> list[list[SearchRes
         ]
         for ids_q, scores_q, rows_q in zip(found_ids, scores, found_rows.tolist())
     ]
+
+
+def _as_device_arrays(v: Version, m: int, found: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """``search_arrays(device_output=True)``: ids and scores where the search ran."""
+    if found is None:
+        return _as_arrays(v, m, None)
+    return found
 
 
 def _as_arrays(

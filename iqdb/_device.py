@@ -31,11 +31,14 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any
 
-from ._errors import DeviceUnavailable, InvalidConfig
+import numpy as np
+
+from ._errors import DeviceUnavailable, InvalidConfig, InvalidVector
 from .kernels import ArrayBackend, cpu_backend, gpu_backend
 
-__all__ = ["ENV_VAR", "INSTALL_HINT", "MIN_CUPY_MAJOR", "parse_device", "resolve_device"]
+__all__ = ["ENV_VAR", "INSTALL_HINT", "MIN_CUPY_MAJOR", "device_queries", "parse_device", "resolve_device"]
 
 ENV_VAR = "IQDB_DEVICE"
 INSTALL_HINT = 'pip install "iqdb[gpu]"'
@@ -248,3 +251,49 @@ def resolve_device(device: object) -> ArrayBackend:
         assert index is not None
         return _explicit_gpu(index, spelled)
     return _auto()
+
+
+def device_queries(backend: ArrayBackend, obj: object, ndim: int) -> Any:
+    """``obj`` as a private float32 array on ``backend``'s device, checked, when it already lives
+    on a GPU (a CuPy array, or anything with ``__cuda_array_interface__`` or a CUDA DLPack
+    capsule: a PyTorch CUDA tensor, say) and search runs on one: used there, with no trip
+    through the host. ``None`` for anything else (the host path takes it).
+
+    Raises
+    ------
+    InvalidVector
+        Not ``ndim``-D, empty, not real numbers, or holding NaN or an infinity.
+    """
+    xp = backend.xp
+    if xp is np or not _on_cuda(obj, xp):
+        return None
+    with backend.device():
+        if isinstance(obj, xp.ndarray) or hasattr(obj, "__cuda_array_interface__"):
+            arr = xp.asarray(obj)
+        else:
+            arr = xp.from_dlpack(obj)
+        if arr.dtype.kind not in "fiu":
+            raise InvalidVector(f"vector data must be real numbers, got dtype {arr.dtype}")
+        if arr.ndim != ndim:
+            shape = "1-D" if ndim == 1 else "2-D (one vector per row)"
+            raise InvalidVector(f"queries must be {shape}, got an array of shape {tuple(arr.shape)}")
+        if arr.shape[-1] == 0:
+            raise InvalidVector("vector is empty")
+        # A private copy first, then the check on the copy (the caller's array may change).
+        out = arr.astype(xp.float32, copy=True)
+        if not bool(xp.isfinite(out).all()):
+            raise InvalidVector("vector contains a non-finite value")
+        return out
+
+
+def _on_cuda(obj: object, xp: Any) -> bool:
+    if isinstance(obj, xp.ndarray) or hasattr(obj, "__cuda_array_interface__"):
+        return True
+    where = getattr(obj, "__dlpack_device__", None)
+    if where is None:
+        return False
+    try:
+        kind = where()[0]
+    except Exception:
+        return False
+    return int(kind) in (2, 13)  # kDLCUDA, kDLCUDAManaged
