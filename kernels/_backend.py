@@ -88,6 +88,10 @@ def cpu_matvec(A: np.ndarray[Any, Any], v: np.ndarray[Any, Any], out: np.ndarray
     if A.nbytes >= _EINSUM_MIN_BYTES:
         np.einsum("ij,j->i", A, v, out=out)
     else:
+        # OpenBLAS's sgemv scales the output by beta = 0 before adding A @ v: an uninitialised
+        # or reused buffer holding a signalling NaN then raises the invalid flag (NumPy warns,
+        # seen once in CI) although the result is right. A zeroed buffer never does.
+        out.fill(0.0)
         np.matmul(A, v, out=out)
 
 
