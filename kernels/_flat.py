@@ -140,6 +140,11 @@ class _Candidates:
         return int(self.norms.shape[0])
 
     @property
+    def may_nan(self) -> bool:
+        """Whether a coarse score can be NaN: COSINE (a zero row or query) or dead rows."""
+        return self.inv32 is not None or self.dead is not None
+
+    @property
     def n_live(self) -> int:
         return self.n - (0 if self.dead is None else int(self.dead.shape[0]))
 
@@ -443,7 +448,7 @@ def _coarse_best(
             S = tiler.scores(t0, min(t0 + tile, hi))
             rows_axis = 0 if tiler.transposed else 1
             if t0 == lo and theta is None and S.shape[rows_axis] >= c:
-                thr = _seed_bound(xp, S, c, rows_axis)
+                thr = _seed_bound(xp, S, c, rows_axis, cand.may_nan)
             qi, row, vals = _tile_hits(xp, S, thr, tiler.transposed)
             if theta is None:
                 sel.merge(qi, t0 + row, vals)
@@ -469,7 +474,7 @@ _SAMPLE_MIN_C = 64  # candidates kept per query from which the bound is sampled
 _SAMPLE_STRIDE = 16  # at most every 16th row is sampled (the sample costs 1/16 of a scan)
 
 
-def _kth_run_min(xp: Any, S: Array, kth: int, g: int, rows_axis: int) -> Array:
+def _kth_run_min(xp: Any, S: Array, kth: int, g: int, rows_axis: int, nan: bool = True) -> Array:
     """The ``kth``-smallest (1-based) minimum over disjoint runs of ``g`` rows of ``S``, per query,
     ``+inf`` where fewer than ``kth`` runs have a non-NaN minimum.
 
@@ -487,16 +492,18 @@ def _kth_run_min(xp: Any, S: Array, kth: int, g: int, rows_axis: int) -> Array:
         else:
             S = S[:, : nr * g].reshape(S.shape[0], g, nr).min(axis=1)
     # A run holding a NaN has a NaN minimum, which must not be counted: it becomes +inf before
-    # the partition (CuPy's bitonic partition compares with `<`, which a NaN breaks).
-    S = _nan_to_inf(xp, S)
+    # the partition (CuPy's bitonic partition compares with `<`, which a NaN breaks). ``nan``
+    # False: the caller knows no score is NaN, and two passes are saved.
+    if nan:
+        S = _nan_to_inf(xp, S)
     return xp.take(xp.partition(S, kth - 1, axis=rows_axis), kth - 1, axis=rows_axis)
 
 
-def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int) -> Array:
+def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int, nan: bool = True) -> Array:
     """Each query's first admission bound from its first tile ``S`` (or a single query's
     scores): an upper bound of its final ``c``-th best, so nothing that belongs in the top ``c``
     is ever filtered out. Runs of up to 64 rows, at least 8 ``c`` of them."""
-    return _kth_run_min(xp, S, c, max(1, min(_CHUNK, int(S.shape[rows_axis]) // (8 * c))), rows_axis)
+    return _kth_run_min(xp, S, c, max(1, min(_CHUNK, int(S.shape[rows_axis]) // (8 * c))), rows_axis, nan)
 
 
 def _sample_bound(
@@ -543,7 +550,7 @@ def _sample_bound(
     def bound(w: int) -> None:
         q0, q1 = cuts[w], cuts[w + 1]
         S = _Tiler(xp, sub, Qc[q0:q1], metric, cdtype, s, transposed=False).scores(0, s)
-        out[q0:q1] = _kth_run_min(xp, S, r, g, 1)
+        out[q0:q1] = _kth_run_min(xp, S, r, g, 1, sub.may_nan)
 
     if workers > 1:
         parallel.map(bound, workers)
@@ -558,7 +565,7 @@ def _select_one(xp: Any, cand: _Candidates, s: Array, lo: int, c: int) -> tuple[
     The fast path of one query: the same admission bound as a tiled scan's first tile, then one
     comparison over all scores and a partition of the few that pass.
     """
-    thr = _seed_bound(xp, s, c, 0) if s.shape[0] >= c else xp.inf
+    thr = _seed_bound(xp, s, c, 0, cand.may_nan) if s.shape[0] >= c else xp.inf
     hits = xp.flatnonzero(s <= thr)  # NaN never passes: those rows are ranked apart
     vals = s[hits]
     if hits.shape[0] > c:
