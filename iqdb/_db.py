@@ -708,11 +708,7 @@ class Iqdb:
         request = self._batch_request(queries, k, metric, predicate)
         finish = _as_device_arrays if device_output else _as_arrays
         if request is None:
-            m = _length(queries) or 0
-            if device_output and self._store.backend.xp is not np:
-                be = self._store.backend
-                return be.asarray(np.empty((m, 0), np.uint64)), be.asarray(np.empty((m, 0), np.float64))
-            return _as_arrays(self._store.version, m, None)
+            return finish(self._store.version, _length(queries) or 0, None)
         return self._search(*request, predicate, finish)
 
     def _batch_request(
@@ -862,7 +858,8 @@ def _as_results(v: Version, m: int, found: _Found | None) -> list[list[SearchRes
 def _as_device_arrays(v: Version, m: int, found: tuple[Any, Any] | None) -> tuple[Any, Any]:
     """``search_arrays(device_output=True)``: ids and scores where the search ran."""
     if found is None:
-        return _as_arrays(v, m, None)
+        be = v.layout.backend
+        return tuple(be.asarray(a) for a in _as_arrays(v, m, None))  # type: ignore[return-value]
     return found
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, Union
 
 import numpy as np
@@ -95,11 +95,18 @@ def _check_key(key: object, path: str) -> str:
     return str(key)
 
 
-def _normalize_mapping(mapping: Mapping[Any, Any], path: str, depth: int) -> dict[str, PayloadValue]:
+def _normalize_mapping(
+    mapping: Mapping[Any, Any],
+    path: str,
+    depth: int,
+    value: Callable[[Any, str, int], PayloadValue] | None = None,
+) -> dict[str, PayloadValue]:
+    """Checked keys, each value through ``value`` (default: :func:`normalize_value`)."""
+    convert = normalize_value if value is None else value
     out: dict[str, PayloadValue] = {}
     for key, val in mapping.items():
         k = _check_key(key, path)
-        out[k] = normalize_value(val, f"{path}.{k}" if path else k, depth)
+        out[k] = convert(val, f"{path}.{k}" if path else k, depth)
     return out
 
 
@@ -305,11 +312,7 @@ def _tagged_from_json(tag: str, body: Any, path: str, depth: int) -> PayloadValu
 
 
 def _mapping_from_json(data: dict[Any, Any], path: str, depth: int) -> dict[str, PayloadValue]:
-    out: dict[str, PayloadValue] = {}
-    for key, val in data.items():
-        k = _check_key(key, path)
-        out[k] = from_json_value(val, f"{path}.{k}" if path else k, depth)
-    return out
+    return _normalize_mapping(data, path, depth, from_json_value)
 
 
 # --- binary form ---------------------------------------------------------------------------

@@ -323,16 +323,8 @@ class ColumnStore:
         return self._layout.matrix[: self.n]
 
     @property
-    def norms(self) -> Any:
-        return self._layout.norms[: self.n]
-
-    @property
     def ids(self) -> npt.NDArray[np.uint64]:
         return self._layout.ids[: self.n]
-
-    @property
-    def payloads(self) -> list[Payload | None]:
-        return self._layout.payloads
 
     def __len__(self) -> int:
         return self.live
@@ -450,10 +442,6 @@ class ColumnStore:
         self.live -= int(gone.shape[0])
         self._publish()
         return int(gone.shape[0])
-
-    def delete(self, rid: int) -> bool:
-        """Remove one id; ``False`` if absent."""
-        return self.delete_many(ids_of(rid)) == 1
 
     def _begin(self, ids: npt.NDArray[np.uint64] | int, old_rows: npt.NDArray[np.int64] | int) -> None:
         """The index is about to map ``ids`` away from ``old_rows`` (-1: absent; one id may come
@@ -643,11 +631,6 @@ class ColumnStore:
         L = self._layout
         return L.ids[: self.n], L.matrix[: self.n], L.payloads[: self.n], L.norms[: self.n]
 
-    # -- reads ----------------------------------------------------------------------------
-    def vector_of(self, row: int) -> npt.NDArray[np.float32]:
-        """A host copy of one row of the current layout."""
-        return np.array(self._layout.matrix[row], dtype=np.float32, copy=True)
-
 
 def _object_bytes(value: object) -> int:
     """Python's own size of a payload value and everything it holds."""
@@ -657,10 +640,6 @@ def _object_bytes(value: object) -> int:
     elif isinstance(value, list):
         size += sum(_object_bytes(v) for v in value)
     return size
-
-
-def ids_of(rid: int) -> npt.NDArray[np.uint64]:
-    return np.array([rid], dtype=np.uint64)
 
 
 def _yield() -> None:

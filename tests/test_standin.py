@@ -590,3 +590,14 @@ def test_bad_device_queries_raise_invalid_vector(on_standin: None) -> None:
         with pytest.raises(iqdb.DimensionMismatch):
             db.search_arrays(xp.asarray(np.ones((2, D + 1), dtype=np.float32)), 3, "l2")
         assert db.search_arrays(xp.asarray(np.ones((2, D), dtype=np.float64)), 3, "l2")[0].shape == (2, 3)
+
+
+def test_device_output_of_an_empty_answer_is_on_the_device(on_standin: None) -> None:
+    with iqdb.Iqdb.open_in_memory(device="cuda") as db:
+        for args in [
+            (xp.asarray(np.ones((3, D), np.float32)), 4),
+            (xp.asarray(np.ones((3, D), np.float32)), 0),
+        ]:
+            ids, scores = db.search_arrays(*args, "l2", device_output=True)  # never held a vector; k = 0
+            assert isinstance(ids, type(args[0])) and isinstance(scores, type(args[0]))
+            assert ids.shape == scores.shape == (3, 0)
