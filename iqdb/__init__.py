@@ -62,7 +62,9 @@ from ._errors import (
     Poisoned,
     StorageError,
 )
+from ._filters import Field, Filter
 from ._payload import Payload, PayloadValue
+from ._search import NO_ID
 from ._values import DistanceMetric, Record, RecordId, SearchResult, Vector
 from .kernels import DEFAULT_WORKING_SET
 
@@ -74,12 +76,15 @@ __all__ = [
     "DeviceUnavailable",
     "DimensionMismatch",
     "DistanceMetric",
+    "Field",
+    "Filter",
     "InvalidArgument",
     "InvalidConfig",
     "InvalidVector",
     "Iqdb",
     "IqdbError",
     "Locked",
+    "NO_ID",
     "Payload",
     "PayloadValue",
     "Poisoned",
@@ -109,3 +114,4 @@ def open(
 def open_in_memory(*, device: str = "auto", working_set: int = DEFAULT_WORKING_SET) -> Iqdb:
     """A new in-memory database; see :meth:`Iqdb.open_in_memory`."""
     return Iqdb.open_in_memory(device=device, working_set=working_set)
+

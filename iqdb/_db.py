@@ -19,8 +19,6 @@ a writer gives up the GIL after each write so that a tight write loop cannot sta
 
 from __future__ import annotations
 
-import collections
-import functools
 import logging
 import os
 import threading
@@ -35,8 +33,10 @@ import numpy.typing as npt
 
 from ._backend import Backend, DeleteOp, MemoryBackend, Op, UpsertOp, apply_op, dedupe_last
 from ._device import device_queries, resolve_device
-from ._errors import Closed, DimensionMismatch, InvalidArgument, InvalidConfig, Poisoned, StorageError
+from ._errors import Closed, InvalidArgument, InvalidConfig, Poisoned, StorageError
+from ._filters import FilterLike, coerce_filter
 from ._payload import Payload, coerce_payload
+from ._search import Searcher, Where, as_arrays, as_device_arrays, as_results, coerce_where, live_mask
 from ._store import ColumnStore, Version
 from ._values import (
     DistanceMetric,
@@ -48,7 +48,7 @@ from ._values import (
     as_vector_array,
     coerce_metric,
 )
-from .kernels import DEFAULT_WORKING_SET, SERIAL, flat_topk
+from .kernels import DEFAULT_WORKING_SET
 
 __all__ = ["Iqdb", "coerce_ids"]
 
@@ -61,54 +61,6 @@ T = TypeVar("T")
 _MIN_WORKING_SET = 64 << 10
 # While searches run, a writer gives up the GIL at most this often (seconds; None: never).
 YIELD_EVERY: float | None = 0.005
-
-
-class _FairSlots:
-    """A counting semaphore that serves waiters in arrival order: a released slot is handed to
-    the oldest waiter directly, so a thread that releases and at once acquires again cannot
-    take it back first (``threading.Semaphore`` lets it, which starves the others)."""
-
-    def __init__(self, slots: int) -> None:
-        self._mutex = threading.Lock()
-        self._slots = self._free = slots
-        self._waiters: collections.deque[threading.Lock] = collections.deque()
-
-    def acquire(self) -> bool:
-        """Take a slot (waiting in turn); ``True`` if no other slot is taken now."""
-        with self._mutex:
-            if self._free and not self._waiters:
-                self._free -= 1
-                return self._free == self._slots - 1
-            me = threading.Lock()
-            me.acquire()
-            self._waiters.append(me)
-        try:
-            me.acquire()  # released by the thread that hands this one its slot
-        except BaseException:
-            # Interrupted while waiting (KeyboardInterrupt): leave the queue, or pass on the
-            # slot if it was handed over meanwhile, so no slot is ever lost.
-            with self._mutex:
-                if me in self._waiters:
-                    self._waiters.remove(me)
-                    raise
-            self.release()
-            raise
-        return self._slots == 1
-
-    def release(self) -> None:
-        with self._mutex:
-            if self._waiters:
-                self._waiters.popleft().release()
-            else:
-                self._free += 1
-
-
-# Searches that run their kernel at once: one per core but one, which is left to the rest of
-# the process (a writer, the application's own threads); a search running alone splits over
-# the cores. Measured with bench_concurrency.py on 2 vCPUs (8 search threads and a writer, 4 s
-# phases): one slot kept 0.29-0.44 of the search rate and 0.6-0.7 of the writer's, two slots
-# (no split) 0.34-0.50 and 0.36-0.47.
-_KERNEL_SLOTS = _FairSlots(max(1, (os.cpu_count() or 2) - 1))
 
 
 def _check_working_set(working_set: object) -> int:
@@ -215,8 +167,9 @@ class Iqdb:
         self._backend = backend
         self._closed = False
         self._wlock = threading.Lock()  # writers only; searches never take it
-        self._local = threading.local()  # .predicate: depth of predicate calls in this thread
-        self._searching: list[None] = []  # one entry per search in flight (append/pop are atomic)
+        self._searcher = Searcher(store, working_set, self._check_open)
+        self._local = self._searcher.local  # .predicate: depth of predicate calls in this thread
+        self._searching = self._searcher.searching  # one entry per search in flight
         self._broken: BaseException | None = None  # a failed write could not be undone
         self._yielded = 0.0  # when a write last handed the GIL to the searches
 
@@ -385,13 +338,20 @@ class Iqdb:
         return self._store.lookup(key) is not None
 
     # -- writes ---------------------------------------------------------------------------
-    def _write(self, op: Op, dim: int | None = None) -> Any:
+    def _write(self, op: Op | Callable[[Version], Op | None], dim: int | None = None) -> Any:
         """Log then apply under the writer mutex (log order is memory order), publishing a new
         version; searches are never blocked. ``dim``: the vectors' dimension, checked against
-        the database's under the mutex. Returns what the operation returned."""
+        the database's under the mutex. ``op`` may be a function of the current version that
+        makes the operation under the mutex (``None``: nothing to do). Returns what the
+        operation returned."""
         with self._wlock:
             self._check_writable()
             store = self._store
+            if callable(op):
+                made = op(store.version)
+                if made is None:
+                    return 0
+                op = made
             if dim is not None:
                 store.check_dim(dim)
             if isinstance(op, DeleteOp) and not any(store.row_of.get(int(i)) is not None for i in op.ids):
@@ -591,9 +551,15 @@ class Iqdb:
         return Record._trusted(key, Vector._trusted(vector), None if payload is None else payload.copy())
 
     def search(
-        self, query: object, k: int, metric: DistanceMetric | str = DistanceMetric.COSINE
+        self,
+        query: object,
+        k: int,
+        metric: DistanceMetric | str = DistanceMetric.COSINE,
+        *,
+        filter: FilterLike | None = None,
     ) -> list[SearchResult]:
-        """Exact top-``k`` over all records, closest first (ties: smaller id first; NaN last).
+        """Exact top-``k`` over all records (or those ``filter`` matches), closest first (ties:
+        smaller id first; NaN last).
 
         Parameters
         ----------
@@ -603,17 +569,20 @@ class Iqdb:
             How many results at most. ``k == 0`` returns ``[]`` before any other check.
         metric
             ``DistanceMetric`` or its string value.
+        filter
+            An :class:`iqdb.Filter` or its dict form: the exact top-``k`` among the records it
+            matches, ``min(k, matches)`` results (see :mod:`iqdb._filters._expr` for the rules).
 
         Raises
         ------
         InvalidArgument
-            ``k`` negative or not an integer; unknown metric.
+            ``k`` negative or not an integer; unknown metric; a malformed filter.
         InvalidVector
             ``query`` is not a valid vector.
         DimensionMismatch
             ``left`` = query dimension, ``right`` = database dimension.
         """
-        return self._search_one(query, k, metric, None)
+        return self._search_one(query, k, metric, None, filter)
 
     def search_with(
         self, query: object, k: int, metric: DistanceMetric | str, predicate: Predicate
@@ -621,7 +590,8 @@ class Iqdb:
         """As :meth:`search`, among the records for which ``predicate(record)`` is true.
 
         The filter applies before the top-``k`` cut: the result is the exact top-``k`` of the
-        records that pass. ``predicate`` receives a copy of each record.
+        records that pass. ``predicate`` receives a copy of each record (one Python call per
+        record: prefer ``filter=``, which is compiled).
 
         Raises
         ------
@@ -631,19 +601,20 @@ class Iqdb:
         self._check_open()
         if _check_k(k) and not callable(predicate):
             raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
-        return self._search_one(query, k, metric, predicate)
+        return self._search_one(query, k, metric, predicate, None)
 
     def _search_one(
-        self, query: object, k: object, metric: object, predicate: Predicate | None
+        self, query: object, k: object, metric: object, predicate: Predicate | None, where: object
     ) -> list[SearchResult]:
         self._check_open()
         kk = _check_k(k)
         if kk == 0:
             return []
         met = coerce_metric(metric)
+        f = coerce_where(where, None)
         q = device_queries(self._store.backend, query, 1)
         q = as_vector_array(query)[None, :] if q is None else q[None, :]
-        return self._search(q, kk, met, predicate, _as_results)[0]
+        return self._searcher.run(q, kk, met, predicate, f, as_results)[0]
 
     def search_batch(
         self,
@@ -651,6 +622,8 @@ class Iqdb:
         k: int,
         metric: DistanceMetric | str = DistanceMetric.COSINE,
         predicate: Predicate | None = None,
+        *,
+        filter: FilterLike | Sequence[FilterLike | None] | None = None,
     ) -> list[list[SearchResult]]:
         """One result list per query, in order; each equals :meth:`search` (or :meth:`search_with`).
 
@@ -660,15 +633,19 @@ class Iqdb:
         ----------
         queries
             An ``(m, d)`` array or a sequence of vectors.
+        filter
+            One filter for every query, or a list with one per query (``None``: unfiltered).
+            Queries that share a filter share its work.
 
         Raises
         ------
-        As :meth:`search` and :meth:`search_with`.
+        As :meth:`search` and :meth:`search_with`; ``InvalidArgument`` for a list of filters
+        whose length is not the number of queries.
         """
-        request = self._batch_request(queries, k, metric, predicate)
+        request = self._batch_request(queries, k, metric, predicate, filter)
         if request is None:
             return [[] for _ in range(_length(queries) or 0)]
-        return self._search(*request, predicate, _as_results)
+        return self._searcher.run(*request[:3], predicate, request[3], as_results)
 
     def search_arrays(
         self,
@@ -677,6 +654,7 @@ class Iqdb:
         metric: DistanceMetric | str = DistanceMetric.COSINE,
         predicate: Predicate | None = None,
         *,
+        filter: FilterLike | Sequence[FilterLike | None] | None = None,
         device_output: bool = False,
     ) -> tuple[Any, Any]:
         """As :meth:`search_batch`, as two arrays instead of result objects.
@@ -694,29 +672,31 @@ class Iqdb:
         -------
         (ids, scores)
             ``(m, c)`` arrays, ``uint64`` and ``float64``: row ``i`` holds query ``i``'s results
-            in order, exactly what :meth:`search_batch` gives for it. ``c = min(k, number of
-            records considered)`` is the same for every query (``0`` while the database has
-            never held a vector). With ``device_output=True`` both stay on the search device
-            (CuPy arrays on a GPU, for a server that hands them on, say to PyTorch through
-            DLPack; NumPy arrays on the CPU). Queries that already live on the GPU (CuPy, or
-            anything with ``__cuda_array_interface__`` or a CUDA DLPack capsule) are used there.
+            in order, exactly what :meth:`search_batch` gives for it. ``c`` is the most results
+            any query has (``min(k, matches)``; ``0`` while the database has never held a
+            vector). With one filter per query, a query with fewer results has its row padded
+            with id :data:`iqdb.NO_ID` and score NaN. With ``device_output=True`` both stay on
+            the search device (CuPy arrays on a GPU, for a server that hands them on, say to
+            PyTorch through DLPack; NumPy arrays on the CPU). Queries that already live on the
+            GPU (CuPy, or anything with ``__cuda_array_interface__`` or a CUDA DLPack capsule)
+            are used there.
 
         Raises
         ------
         As :meth:`search_batch`.
         """
-        request = self._batch_request(queries, k, metric, predicate)
-        finish = _as_device_arrays if device_output else _as_arrays
+        request = self._batch_request(queries, k, metric, predicate, filter)
+        finish = as_device_arrays if device_output else as_arrays
         if request is None:
             return finish(self._store.version, _length(queries) or 0, None)
-        return self._search(*request, predicate, finish)
+        return self._searcher.run(*request[:3], predicate, request[3], finish)
 
     def _batch_request(
-        self, queries: object, k: object, metric: object, predicate: Predicate | None
-    ) -> tuple[npt.NDArray[np.float32], int, DistanceMetric] | None:
+        self, queries: object, k: object, metric: object, predicate: Predicate | None, where: object
+    ) -> tuple[Any, int, DistanceMetric, Where] | None:
         """The batch searches' checks, in the contract's order: ``None`` when the answer is
         empty without searching (``k == 0`` answers before any other check; no queries), else
-        the query matrix, ``k`` and the metric."""
+        the query matrix, ``k``, the metric and the filters."""
         self._check_open()
         kk = _check_k(k)
         if kk == 0:
@@ -725,90 +705,43 @@ class Iqdb:
         if predicate is not None and not callable(predicate):
             raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
         Q = device_queries(self._store.backend, queries, 2)
-        if Q is not None:
-            return (Q, kk, met) if Q.shape[0] else None
-        if _length(queries) == 0:
+        if Q is None:
+            if _length(queries) == 0:
+                return None
+            Q = as_matrix(queries, "queries")
+        if Q.shape[0] == 0:
             return None
-        return as_matrix(queries, "queries"), kk, met
+        return Q, kk, met, coerce_where(where, int(Q.shape[0]))
 
-    def _search(
-        self,
-        Q: npt.NDArray[np.float32],
-        k: int,
-        metric: DistanceMetric,
-        predicate: Predicate | None,
-        finish: Callable[[Version, int, Any], T],
-    ) -> T:
-        """Run the kernel on the current version, without any lock; ``finish`` turns its rows and
-        scores (``None`` while the database has never held a vector) into the caller's form."""
-        v = self._store.version
+    def count(self, filter: FilterLike | None = None) -> int:
+        """How many records ``filter`` matches (all of them when ``None``).
+
+        Raises
+        ------
+        InvalidArgument
+            A malformed filter.
+        """
         self._check_open()
-        self._local.seq = v.seq  # the version this thread's last search read (tests check it)
-        if v.dim is None:
-            return finish(v, Q.shape[0], None)
-        if Q.shape[1] != v.dim:
-            raise DimensionMismatch(left=int(Q.shape[1]), right=v.dim)
-        rows = None if predicate is None else self._filter_rows(v, predicate)
-        be = self._store.backend
-        dead = None if rows is not None else v.device_dead_rows()
-        X, norms, norms32, inv32, dev_ids = v.device_columns()
-        self._searching.append(None)
-        # Only a few searches run their kernel at a time (_KERNEL_SLOTS); the others wait, in
-        # order, instead of competing for the GIL with the running ones and with the writer.
-        # Splitting one search over the cores pays off only when it runs alone; next to other
-        # searches it only adds thread hand-offs (and GIL waits) to each of them.
-        alone = _KERNEL_SLOTS.acquire()
-        parallel = be.parallel if alone else SERIAL
-        try:
-            out = flat_topk(
-                be.xp,
-                X,
-                norms,
-                dev_ids,
-                be.asarray(Q) if isinstance(Q, np.ndarray) else Q,
-                k,
-                metric.value,
-                None if rows is None else be.asarray(rows),
-                dead=dead,
-                norms32=norms32,
-                inv_norms32=inv32,
-                norm_bounds=v.bounds,
-                working_set=self._working_set,
-                parallel=parallel,
-                matvec=be.matvec,
-            )
-        finally:
-            _KERNEL_SLOTS.release()
-            self._searching.pop()
-        if finish is _as_device_arrays:
-            return finish(v, Q.shape[0], (dev_ids[out.rows], out.scores))
-        found = (be.to_host(out.rows), be.to_host(out.scores))
-        return finish(v, Q.shape[0], found)
+        return self._searcher.count(None if filter is None else coerce_filter(filter))
 
-    def _filter_rows(self, v: Version, predicate: Predicate) -> npt.NDArray[np.int64]:
-        """Live rows of ``v`` whose record passes ``predicate`` (the escape hatch: one call per
-        record). The predicate may read this handle but not change it."""
-        matrix = v.matrix  # the host columns: no copy from the device
-        rows = v.live_rows()
-        ids, payloads = v.ids, v.payloads
-        local = self._local
-        depth = getattr(local, "predicate", 0)
-        local.predicate = depth + 1
-        try:
-            keep = [
-                row
-                for row in rows.tolist()
-                if predicate(
-                    Record._trusted(
-                        RecordId(int(ids[row])),
-                        Vector._trusted(matrix[row].copy()),
-                        None if (p := payloads[row]) is None else p.copy(),
-                    )
-                )
-            ]
-        finally:
-            local.predicate = depth
-        return np.asarray(keep, dtype=np.int64)
+    def delete_where(self, filter: FilterLike) -> int:
+        """Delete every record ``filter`` matches, in one write (one WAL frame: all or none of
+        them after a crash); returns how many were deleted.
+
+        Raises
+        ------
+        InvalidArgument
+            A malformed filter, or called from inside a search predicate.
+        """
+        self._check_writable()
+        f = coerce_filter(filter)
+
+        def matches(v: Version) -> DeleteOp | None:
+            # Under the writer mutex: no other write can change the matches meanwhile.
+            ids = v.ids[np.flatnonzero(live_mask(v, f))]
+            return DeleteOp(ids) if ids.shape[0] else None
+
+        return int(self._write(matches))
 
 
 def _coerce_payloads(payloads: Sequence[object]) -> list[Payload | None]:
@@ -831,42 +764,3 @@ def _length(data: object) -> int | None:
 
 
 _PRIVATE = object()
-
-
-_Found = tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]  # rows into the store, scores
-
-
-def _as_results(v: Version, m: int, found: _Found | None) -> list[list[SearchResult]]:
-    if found is None:
-        return [[] for _ in range(m)]
-    found_rows, scores_arr = found
-    scores = scores_arr.tolist()
-    found_ids = v.ids[found_rows].tolist()
-    payloads = v.payloads
-    # Ids and scores from the store are canonical by construction: skip the checks.
-    rid = functools.partial(int.__new__, RecordId)
-    make = SearchResult._trusted
-    return [
-        [
-            make(i, score, None if (p := payloads[row]) is None else p.copy())
-            for i, score, row in zip(map(rid, ids_q), scores_q, rows_q)
-        ]
-        for ids_q, scores_q, rows_q in zip(found_ids, scores, found_rows.tolist())
-    ]
-
-
-def _as_device_arrays(v: Version, m: int, found: tuple[Any, Any] | None) -> tuple[Any, Any]:
-    """``search_arrays(device_output=True)``: ids and scores where the search ran."""
-    if found is None:
-        be = v.layout.backend
-        return tuple(be.asarray(a) for a in _as_arrays(v, m, None))  # type: ignore[return-value]
-    return found
-
-
-def _as_arrays(
-    v: Version, m: int, found: _Found | None
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float64]]:
-    if found is None:
-        return np.empty((m, 0), dtype=np.uint64), np.empty((m, 0), dtype=np.float64)
-    found_rows, scores = found
-    return v.ids[found_rows], scores

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._errors import DimensionMismatch
+from ._filters import MaskCache, PayloadIndex
 from ._index import IdIndex
 from ._payload import Payload
 from .kernels import ArrayBackend
@@ -77,9 +78,11 @@ class _Layout:
         "backend",
         "capacity",
         "dim",
+        "fields",
         "ids",
         "index",
         "inv32",
+        "masks",
         "matrix",
         "mirror",
         "norms",
@@ -100,11 +103,14 @@ class _Layout:
         self.ids: npt.NDArray[np.uint64] = np.empty(capacity, dtype=np.uint64)
         self.payloads: list[Payload | None] = []
         self.index = IdIndex()
+        # Payload columns for compiled filters, appended with the rows; masks cached per layout.
+        self.fields = PayloadIndex()
+        self.masks = MaskCache()
         self.mirror = None if backend.xp is np else _Mirror(self)
 
     def nbytes(self) -> int:
         arrays = (self.matrix, self.norms, self.norms32, self.inv32, self.ids)
-        return sum(int(a.nbytes) for a in arrays) + self.index.nbytes()
+        return sum(int(a.nbytes) for a in arrays) + self.index.nbytes() + self.fields.nbytes()
 
 
 class _Mirror:
@@ -215,7 +221,7 @@ class Version:
     dead; ``live`` distinct ids remain.
     """
 
-    __slots__ = ("_dead_dev", "bounds", "layout", "live", "log", "n", "n_dead", "seq")
+    __slots__ = ("_dead_dev", "bounds", "layout", "live", "log", "n", "n_dead", "plans", "seq")
 
     def __init__(
         self,
@@ -230,6 +236,7 @@ class Version:
         self.layout, self.n, self.seq, self.live = layout, n, seq, live
         self.log, self.n_dead, self.bounds = log, n_dead, bounds
         self._dead_dev: Any = None
+        self.plans: dict[Any, Any] = {}  # filter -> its rows in this version (iqdb._search)
 
     def __len__(self) -> int:
         return self.live
@@ -387,6 +394,7 @@ class ColumnStore:
         self._set_norms(L, where, norms)
         L.ids[where] = ids
         L.payloads.extend(payloads)
+        L.fields.append(start, payloads)
         self.n = start + m
         self._begin(ids, old)
         L.index.set_many(ids, np.arange(start, start + m, dtype=np.int64))
@@ -408,6 +416,9 @@ class ColumnStore:
         L.inv32[row] = min(1.0 / math.sqrt(nsq), _F32_MAX) if nsq > 0 else math.inf
         L.ids[row] = rid
         L.payloads.append(payload)
+        if payload is not None:
+            L.fields.append(row, (payload,))
+        L.fields.n = row + 1
         self.n = row + 1
         if nsq > 0:
             lo, hi = self._bounds
@@ -457,6 +468,7 @@ class ColumnStore:
         if self._layout is v.layout:
             L = self._layout
             del L.payloads[v.n :]
+            L.fields.truncate(v.n)
             if self._undo is not None:
                 ids, old_rows = (np.asarray(a).reshape(-1) for a in self._undo)
                 ids, old_rows = ids.astype(np.uint64), old_rows.astype(np.int64)
@@ -573,6 +585,7 @@ class ColumnStore:
                 a[:k] = b[dev_rows]
             new.ids[:k] = old.ids[rows]
             new.payloads = [old.payloads[r] for r in rows.tolist()]
+            new.fields = old.fields.take(rows)
             new.index.load(new.ids[:k], np.arange(k, dtype=np.int64))
             if new.mirror is not None and old.mirror is not None:
                 new.mirror.gather(old.mirror, rows)
@@ -590,6 +603,7 @@ class ColumnStore:
             for a, b in pairs:
                 a[:k] = b[:k]
             new.payloads = list(old.payloads[:k])
+            new.fields = old.fields.take(np.arange(k, dtype=np.int64))
             new.index = old.index.copy()
             if new.mirror is not None and old.mirror is not None:
                 new.mirror.adopt(old.mirror, k)
@@ -619,6 +633,7 @@ class ColumnStore:
             )
         L.ids[:n] = ids
         L.payloads = list(payloads)
+        L.fields.append(0, L.payloads)
         L.index.load(np.asarray(ids, dtype=np.uint64), np.arange(n, dtype=np.int64))
         self.n = self.live = n
         self._publish()

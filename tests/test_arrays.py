@@ -557,7 +557,7 @@ def test_working_set_reaches_the_kernel(how: str, tmp_path: Path, monkeypatch: p
         seen.append(kwargs["working_set"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("iqdb._db.flat_topk", spy)
+    monkeypatch.setattr("iqdb._search.flat_topk", spy)
     for value in (65536, np.int64(1 << 21)):
         with _open(how, tmp_path / f"db{value}", working_set=value) as db:
             db.upsert_many([1, 2], [[1.0, 0.0], [0.0, 1.0]])

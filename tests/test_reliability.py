@@ -496,7 +496,7 @@ def test_memory_usage_counts_the_vectors_and_the_payloads() -> None:
 
 
 def test_the_kernel_slots_serve_waiters_in_order_and_never_lose_a_slot() -> None:
-    from iqdb._db import _FairSlots
+    from iqdb._search import _FairSlots
 
     slots = _FairSlots(1)
     assert slots.acquire() is True
