@@ -27,10 +27,10 @@ import numpy as np
 import numpy.typing as npt
 
 from .._payload import Payload
-from ._columns import BOOL, BYTES, DICT, FLOAT, INT, LIST, NULL, STR, PathColumn, PayloadIndex
+from ._columns import BOOL, BYTES, DICT, FLOAT, INT, LIST, NULL, STR, PathColumn, PayloadIndex, _Grow
 from ._expr import ID_PATH, And, Cmp, Filter, Not, Or
 
-__all__ = ["MaskCache", "evaluate", "value_equal"]
+__all__ = ["At", "MaskCache", "evaluate", "evaluate_rows", "value_equal"]
 
 Mask = Any  # a boolean array (NumPy's comparison stubs return Any)
 _I64 = (-(2**63), 2**63 - 1)
@@ -54,6 +54,43 @@ def value_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+class At:
+    """The rows a filter is evaluated at: the range ``a:b``, or a list of rows (``rows``)."""
+
+    __slots__ = ("a", "b", "rows", "size")
+
+    def __init__(self, a: int, b: int, rows: npt.NDArray[np.int64] | None = None) -> None:
+        self.a, self.b, self.rows = a, b, rows
+        self.size = b - a if rows is None else int(rows.shape[0])
+
+    def of(self, g: _Grow) -> Any:
+        """A column's entries at these rows (zeros past what was written)."""
+        if self.rows is None:
+            return g.view(self.a, self.b)
+        return g.view(0, self.b)[self.rows]
+
+    def take(self, a: Any) -> Any:
+        return a[self.a : self.b] if self.rows is None else a[self.rows]
+
+    def row(self, pos: Any) -> Any:
+        """Row numbers of positions ``pos`` among these rows."""
+        return pos + self.a if self.rows is None else self.rows[pos]
+
+    def elements(self, col: PathColumn) -> tuple[At, Any]:
+        """The list elements owned by these rows, and the position of each one's owner."""
+        owners = col.el_owner.a[: col.el_n]
+        if self.rows is None:
+            e0, e1 = (int(i) for i in np.searchsorted(owners, [self.a, self.b]))
+            return At(e0, e1), owners[e0:e1] - self.a
+        starts = np.searchsorted(owners, self.rows, "left")
+        lengths = np.searchsorted(owners, self.rows, "right") - starts
+        total = int(lengths.sum())
+        pos = np.repeat(np.arange(self.size), lengths)
+        first = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        idx = first + np.arange(total)
+        return At(0, col.el_n, idx), pos
+
+
 def evaluate(
     f: Filter,
     index: PayloadIndex,
@@ -63,15 +100,32 @@ def evaluate(
     b: int,
 ) -> Mask:
     """The mask of rows ``a:b`` that ``f`` matches (dead rows not excluded)."""
+    return _eval(f, index, ids, payloads, At(a, b))
+
+
+def evaluate_rows(
+    f: Filter,
+    index: PayloadIndex,
+    ids: npt.NDArray[np.uint64],
+    payloads: Sequence[Payload | None],
+    rows: npt.NDArray[np.int64],
+) -> Mask:
+    """Whether ``f`` matches each of ``rows`` (any order; for a few rows, with no full mask)."""
+    return _eval(f, index, ids, payloads, At(0, int(rows.max()) + 1 if rows.shape[0] else 0, rows))
+
+
+def _eval(
+    f: Filter, index: PayloadIndex, ids: npt.NDArray[np.uint64], payloads: Sequence[Payload | None], at: At
+) -> Mask:
     if isinstance(f, Cmp):
-        return _leaf(f, index, ids, payloads, a, b)
+        return _leaf(f, index, ids, payloads, at)
     if isinstance(f, Not):
-        return ~evaluate(f.child, index, ids, payloads, a, b)
+        return ~_eval(f.child, index, ids, payloads, at)
     if isinstance(f, (And, Or)):
         is_and = isinstance(f, And)
-        out = np.full(b - a, is_and, dtype=bool)
+        out = np.full(at.size, is_and, dtype=bool)
         for child in f.children:
-            m = evaluate(child, index, ids, payloads, a, b)
+            m = _eval(child, index, ids, payloads, at)
             if is_and:
                 out &= m
                 if not out.any():
@@ -83,32 +137,25 @@ def evaluate(
 
 
 def _leaf(
-    f: Cmp,
-    index: PayloadIndex,
-    ids: npt.NDArray[np.uint64],
-    payloads: Sequence[Payload | None],
-    a: int,
-    b: int,
+    f: Cmp, index: PayloadIndex, ids: npt.NDArray[np.uint64], payloads: Sequence[Payload | None], at: At
 ) -> Mask:
-    n = b - a
+    n = at.size
     if f.path == ID_PATH:
-        return _id_leaf(f, ids[a:b], n)
+        return _id_leaf(f, at.take(ids), n)
     col = index.columns.get(f.path)
     if col is None:
         return np.zeros(n, dtype=bool)
-    tags = col.tags.view(a, b)
+    tags = at.of(col.tags)
     op, value = f.op, f.value
     if op == "exists":
         return tags != 0
-    if op in ("eq", "in"):
-        return _any_equal(col, tags, value if op == "in" else (value,), payloads, f.path, a, b)
-    if op in ("ne", "nin"):
-        return (tags != 0) & ~_any_equal(
-            col, tags, value if op == "nin" else (value,), payloads, f.path, a, b
-        )
+    if op in ("eq", "in", "ne", "nin"):
+        values = value if op in ("in", "nin") else (value,)
+        hit = _any_equal(col, tags, values, payloads, f.path, at)
+        return hit if op in ("eq", "in") else (tags != 0) & ~hit
     if op == "contains":
-        return _contains(col, value, a, b)
-    return _ordered(col, tags, op, value, a, b)
+        return _contains(col, value, at)
+    return _ordered(col, tags, op, value, at)
 
 
 def _any_equal(
@@ -117,10 +164,9 @@ def _any_equal(
     values: Sequence[Any],
     payloads: Sequence[Payload | None],
     path: str,
-    a: int,
-    b: int,
+    at: At,
 ) -> Mask:
-    out = np.zeros(b - a, dtype=bool)
+    out = np.zeros(at.size, dtype=bool)
     codes: list[int] = []
     for v in values:
         t = type(v)
@@ -131,15 +177,15 @@ def _any_equal(
             if c is not None and type(col.values[c]) is t:
                 codes.append(c)
         elif t in (bool, int, float):
-            out |= _ordered(col, tags, "eq", v, a, b)
+            out |= _ordered(col, tags, "eq", v, at)
         else:  # a list or an object: compare with the stored values themselves (rarely used)
             kind = LIST if t is list else DICT
-            for r in (np.flatnonzero(tags == kind) + a).tolist():
-                if value_equal(_resolve(payloads[r], path), v):
-                    out[r - a] = True
+            for i in np.flatnonzero(tags == kind).tolist():
+                if value_equal(_resolve(payloads[int(at.row(i))], path), v):
+                    out[i] = True
     if codes:
         text = (tags == STR) | (tags == BYTES)
-        cv = col.codes.view(a, b)
+        cv = at.of(col.codes)
         if len(codes) <= 8:
             for c in codes:
                 out |= text & (cv == c)
@@ -157,17 +203,17 @@ def _resolve(p: Payload | None, path: str) -> Any:
     return obj
 
 
-def _ordered(col: PathColumn, tags: npt.NDArray[np.int8], op: str, value: Any, a: int, b: int) -> Mask:
+def _ordered(col: PathColumn, tags: npt.NDArray[np.int8], op: str, value: Any, at: At) -> Mask:
     """``op`` (eq, lt, le, gt, ge) against a scalar: numbers, bools, strings or bytes."""
     t = type(value)
     if t is bool:
-        return (tags == BOOL) & _int_cmp(col.ints.view(a, b), op, int(value), _I64)
+        return (tags == BOOL) & _int_cmp(at.of(col.ints), op, int(value), _I64)
     if t is int or t is float:
-        out = np.zeros(b - a, dtype=bool)
+        out = np.zeros(at.size, dtype=bool)
         if (tags == INT).any():
-            out |= (tags == INT) & _int_vs_number(col.ints.view(a, b), op, value, _I64)
+            out |= (tags == INT) & _int_vs_number(at.of(col.ints), op, value, _I64)
         if (tags == FLOAT).any():
-            out |= (tags == FLOAT) & _float_vs_number(col.floats.view(a, b), op, value)
+            out |= (tags == FLOAT) & _float_vs_number(at.of(col.floats), op, value)
         return out
     if t is str or t is bytes:
         kind = STR if t is str else BYTES
@@ -175,8 +221,8 @@ def _ordered(col: PathColumn, tags: npt.NDArray[np.int8], op: str, value: Any, a
         lut = np.fromiter(
             (type(s) is t and cmp(s, value) for s in col.values), dtype=np.bool_, count=len(col.values)
         )
-        return (tags == kind) & np.take(np.append(lut, False), col.codes.view(a, b))
-    return np.zeros(b - a, dtype=bool)  # None, lists and objects have no order
+        return (tags == kind) & np.take(np.append(lut, False), at.of(col.codes))
+    return np.zeros(at.size, dtype=bool)  # None, lists and objects have no order
 
 
 _PY_CMP: dict[str, Callable[[Any, Any], Any]] = {
@@ -263,36 +309,30 @@ def _id_leaf(f: Cmp, ids: npt.NDArray[np.uint64], n: int) -> Mask:
     return hit if f.op in ("eq", "in") else ~hit
 
 
-def _contains(col: PathColumn, value: Any, a: int, b: int) -> Mask:
-    out = np.zeros(b - a, dtype=bool)
+def _contains(col: PathColumn, value: Any, at: At) -> Mask:
+    out = np.zeros(at.size, dtype=bool)
     if not col.el_n:
         return out
-    owners = col.el_owner.a[: col.el_n]
-    e0, e1 = (int(i) for i in np.searchsorted(owners, [a, b]))
-    if e0 == e1:
+    el_at, owner_pos = at.elements(col)
+    if el_at.size == 0:
         return out
-    tags = col.el_tags.view(e0, e1)
+    tags = el_at.of(col.el_tags)
     t = type(value)
-    if t in (bool, int, float) or t is str or t is bytes:
-        # The element table has the same layout as a column: reuse the scalar comparison.
+    if t is str or t is bytes:
+        c = col.lookup.get(value)
+        if c is None:
+            return out
+        hit = (tags == (STR if t is str else BYTES)) & (el_at.of(col.el_codes) == c)
+    elif t in (bool, int, float):
+        # The element table has a column's layout: reuse the scalar comparison.
         el = PathColumn()
-        el.ints, el.floats, el.codes = col.el_ints, col.el_floats, col.el_codes
-        el.lookup, el.values = col.lookup, col.values
-        if t is str or t is bytes:
-            c = col.lookup.get(value)
-            hit = (
-                (tags == (STR if t is str else BYTES)) & (col.el_codes.view(e0, e1) == c)
-                if c is not None
-                else None
-            )
-        else:
-            hit = _ordered(el, tags, "eq", value, e0, e1)
+        el.ints, el.floats = col.el_ints, col.el_floats
+        hit = _ordered(el, tags, "eq", value, el_at)
     elif value is None:
         hit = tags == NULL
     else:
         return out  # lists and objects inside lists: not indexed, never matched by contains
-    if hit is not None and hit.any():
-        out[owners[e0:e1][hit] - a] = True
+    out[owner_pos[hit]] = True
     return out
 
 
