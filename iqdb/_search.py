@@ -139,10 +139,19 @@ class _Selection:
     """Which rows of a version one group of queries may return: ``rows`` (gather), or all rows
     but ``dead`` (sorted; dense), and how many that is."""
 
-    __slots__ = ("dead", "matches", "rows")
+    __slots__ = ("_device", "dead", "matches", "rows")
 
     def __init__(self, rows: npt.NDArray[np.int64] | None, dead: npt.NDArray[np.int64] | None, matches: int):
         self.rows, self.dead, self.matches = rows, dead, matches
+        self._device: tuple[Any, Any] | None = None
+
+    def on_device(self, be: Any) -> tuple[Any, Any]:
+        """``(rows, dead)`` on the search device, uploaded once per plan (a plan lives as long
+        as its version, so repeated searches with one filter upload nothing)."""
+        if self._device is None:
+            up = (None if a is None else be.asarray(a) for a in (self.rows, self.dead))
+            self._device = (next(up), next(up))
+        return self._device
 
 
 def live_mask(v: Version, f: Filter) -> Any:
@@ -203,11 +212,15 @@ class Searcher:
             return finish(v, m, None)
         if Q.shape[1] != v.dim:
             raise DimensionMismatch(left=int(Q.shape[1]), right=v.dim)
-        if where is not None and not isinstance(where, list) and m >= _SHARED_SCAN_BATCH:
-            # A batch with one filter that matches much of the database: the shared scan (see
-            # _per_query) costs less than excluding the other rows from every tile.
-            if predicate is None and _plan(v, where).matches >= _SHARED_SCAN_BATCH_SHARE * v.live:
-                where = [where] * m
+        # A batch with one filter that matches much of the database: the shared scan (see
+        # _per_query) costs less than excluding the other rows from every tile.
+        if (
+            isinstance(where, Filter)
+            and predicate is None
+            and m >= _SHARED_SCAN_BATCH
+            and _plan(v, where).matches >= _SHARED_SCAN_BATCH_SHARE * v.live
+        ):
+            where = [where] * m
         if not isinstance(where, list):
             out = self._kernel(v, Q, k, metric, self._select(v, where, predicate))
             if finish is as_device_arrays:
@@ -319,10 +332,8 @@ class Searcher:
         X, norms, norms32, inv32, dev_ids = v.device_columns()
         if sel is None:
             rows, dead = None, v.device_dead_rows()
-        elif sel.rows is not None:
-            rows, dead = be.asarray(sel.rows), None
         else:
-            rows, dead = None, be.asarray(sel.dead)  # type: ignore[arg-type]
+            rows, dead = sel.on_device(be)
         self.searching.append(None)
         # Only a few searches run their kernel at a time (KERNEL_SLOTS); the others wait, in
         # order, instead of competing for the GIL with the running ones and with the writer.

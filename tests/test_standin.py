@@ -493,6 +493,15 @@ def handle_script(db: iqdb.Iqdb) -> list[Any]:
     got.append([[(r.id, score_bits(r.score)) for r in hits] for hits in db.search_batch(Q, 5, "cosine")])
     even = db.search_batch(Q, 5, "l2", predicate=lambda rec: rec.payload is not None and rec.payload["even"])
     got.append([[(r.id, score_bits(r.score)) for r in hits] for hits in even])
+    # Filters: both plans of one filter, a per-query list (a shared scan over 12 queries with 6
+    # different filters), and a count.
+    Q12 = np.concatenate([Q, Q[::-1] - 0.25])
+    F = iqdb.Field("even") == True  # noqa: E712 (builds a filter)
+    per_query = [F, None, ~F, iqdb.Field.id < 200, iqdb.Field.id >= 100, F | (iqdb.Field.id == 7)] * 2
+    for where in (F, iqdb.Field.id.isin([1, 2, 3, 4, 400]), per_query):
+        ids, scores = db.search_arrays(Q12, 5, "l2", filter=where)
+        got.append((np.asarray(ids).tolist(), [score_bits(s) for s in np.asarray(scores).ravel().tolist()]))
+    got.append(db.count(F))
     record = db.get(8)
     assert record is not None
     got.append(record.vector.to_numpy().tolist())
