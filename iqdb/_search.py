@@ -37,7 +37,7 @@ from ._filters import Filter, coerce_filter
 from ._filters._compile import evaluate_rows
 from ._store import ColumnStore, Version
 from ._values import DistanceMetric, Record, RecordId, SearchResult, Vector
-from .kernels import SERIAL, flat_topk
+from .kernels import SERIAL, fixed_topk, flat_topk
 
 __all__ = ["NO_ID", "Searcher", "coerce_where"]
 
@@ -341,7 +341,7 @@ class Searcher:
         # searches it only adds thread hand-offs (and GIL waits) to each of them.
         alone = KERNEL_SLOTS.acquire()
         try:
-            return flat_topk(
+            return (fixed_topk if be.fixed_shape else flat_topk)(
                 be.xp,
                 X,
                 norms,

@@ -5,13 +5,16 @@
 'cpu'
 
 This package is the only code that knows which array library runs. Algorithms live in
-:mod:`._flat` and take the namespace ``xp`` as an argument; a *backend* binds a namespace to a
-device. Nothing here imports :mod:`iqdb` (imports flow handle -> storage -> kernels).
+:mod:`._flat` (the adaptive driver, for CPUs) and :mod:`._fixed` (the fixed-shape driver, for
+GPUs: two host syncs per query block), and take the namespace ``xp`` as an argument; a *backend*
+binds a namespace to a device and says which driver it runs. Nothing here imports :mod:`iqdb`
+(imports flow handle -> storage -> kernels).
 """
 
 from __future__ import annotations
 
 from ._backend import ArrayBackend, cpu_backend, gpu_backend
+from ._fixed import fixed_topk
 from ._flat import DEFAULT_WORKING_SET, SearchOutput, canonical_sum, exact_scores, flat_topk
 from ._parallel import SERIAL
 
@@ -23,6 +26,7 @@ __all__ = [
     "canonical_sum",
     "cpu_backend",
     "exact_scores",
+    "fixed_topk",
     "flat_topk",
     "gpu_backend",
 ]

@@ -40,6 +40,10 @@ class ArrayBackend:
     device_index
         The CUDA device ordinal N of ``"cuda:N"`` (``None`` on the CPU): code that allocates or
         launches on this backend runs under ``xp.cuda.Device(device_index)``.
+    fixed_shape
+        Whether searches run the fixed-shape driver (:func:`~iqdb.kernels._fixed.fixed_topk`:
+        two host syncs per query block; for a GPU) rather than the adaptive one (fewer
+        operations, but a data-dependent size, i.e. a sync on a GPU, at every step; for a CPU).
     """
 
     name: str
@@ -47,6 +51,7 @@ class ArrayBackend:
     parallel_factory: Callable[[], Parallel] = field(default=lambda: SERIAL, compare=False, repr=False)
     matvec: MatVec | None = field(default=None, compare=False, repr=False)
     device_index: int | None = None
+    fixed_shape: bool = False
 
     @property
     def parallel(self) -> Parallel:
@@ -141,4 +146,4 @@ def gpu_backend(index: int) -> ArrayBackend:
     tf32 = os.environ.get("CUPY_TF32", "")
     if _tf32_requested(tf32):
         _warn_tf32(tf32)
-    return ArrayBackend(f"cuda:{index}", cupy, lambda: SERIAL, None, device_index=index)
+    return ArrayBackend(f"cuda:{index}", cupy, lambda: SERIAL, None, device_index=index, fixed_shape=True)

@@ -326,27 +326,13 @@ def _search_block(
     n = cand.n
     Q64 = Qb.astype(xp.float64)
     q_norm_sq = xp.sum(Q64 * Q64, axis=1)
-    lo, hi = _SAFE_NORM_SQ
     positive_q = q_norm_sq[q_norm_sq > 0]
-    wide = not (
-        (norm_bounds[1] == 0 or lo <= norm_bounds[0] <= norm_bounds[1] <= hi)
-        and (positive_q.shape[0] == 0 or lo <= float(xp.min(positive_q)) <= float(xp.max(positive_q)) <= hi)
-    )
-    max_norm_sq = max(norm_bounds[1], 0.0)
-    cdtype = xp.float64 if wide else xp.float32
-    u = _U if not wide else float(np.finfo(np.float64).eps) / 2
-    # Coarse query operand, chosen so a single product gives a score monotone in the distance,
-    # and `tol`, twice a rigorous bound on the coarse score's rounding error (scale x (d+c) u).
-    if metric == "l2":
-        Qc = (-2.0 * Q64).astype(cdtype)
-        tol = 2 * (d + 4) * u * (max_norm_sq + 2.0 * xp.sqrt(max_norm_sq * q_norm_sq))
-    elif metric == "dot":
-        Qc = (-Q64).astype(cdtype)
-        tol = 2 * (d + 4) * u * xp.sqrt(max_norm_sq * q_norm_sq)
+    if positive_q.shape[0]:
+        wide = wide_norms(norm_bounds, float(xp.min(positive_q)), float(xp.max(positive_q)))
     else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            Qc = (-Q64 / xp.sqrt(q_norm_sq)[:, None]).astype(cdtype)
-        tol = xp.full(mb, 2 * (d + 6) * u)
+        wide = wide_norms(norm_bounds, math.inf, 0.0)
+    cdtype = xp.float64 if wide else xp.float32
+    Qc, tol = _coarse_query(xp, Q64, q_norm_sq, metric, cdtype, norm_bounds[1], d, wide)
     c = min(n, k + _MARGIN)
     # For large c, a strided sample sets each query's admission bound up front, so a scan
     # admits about 2c scores per query and merges them once, instead of merging every tile.
@@ -396,6 +382,36 @@ def _search_block(
         rows_out[i] = r
         scores_out[i] = s
     return rows_out, scores_out
+
+
+def wide_norms(norm_bounds: tuple[float, float], q_lo: float, q_hi: float) -> bool:
+    """Whether coarse scores must be float64: some nonzero squared norm (rows: ``norm_bounds``;
+    queries: ``q_lo``..``q_hi``, ``q_hi == 0`` for none) lies outside :data:`_SAFE_NORM_SQ`."""
+    lo, hi = _SAFE_NORM_SQ
+    rows_ok = norm_bounds[1] == 0 or lo <= norm_bounds[0] <= norm_bounds[1] <= hi
+    queries_ok = q_hi == 0 or lo <= q_lo <= q_hi <= hi
+    return not (rows_ok and queries_ok)
+
+
+def _coarse_query(
+    xp: Any, Q64: Array, q_norm_sq: Array, metric: str, cdtype: Any, max_norm_sq: float, d: int, wide: bool
+) -> tuple[Array, Array]:
+    """The coarse query operand, chosen so a single product gives a score monotone in the
+    distance, and ``tol``, twice a rigorous bound on the coarse score's rounding error (scale x
+    (d + c) u), per query."""
+    u = _U if not wide else float(np.finfo(np.float64).eps) / 2
+    max_norm_sq = max(max_norm_sq, 0.0)
+    if metric == "l2":
+        Qc = (-2.0 * Q64).astype(cdtype)
+        tol = 2 * (d + 4) * u * (max_norm_sq + 2.0 * xp.sqrt(max_norm_sq * q_norm_sq))
+    elif metric == "dot":
+        Qc = (-Q64).astype(cdtype)
+        tol = 2 * (d + 4) * u * xp.sqrt(max_norm_sq * q_norm_sq)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            Qc = (-Q64 / xp.sqrt(q_norm_sq)[:, None]).astype(cdtype)
+        tol = xp.full(int(Q64.shape[0]), 2 * (d + 6) * u)
+    return Qc, tol
 
 
 def _coarse_best(

@@ -982,4 +982,4 @@ xp = _namespace()
 def standin_backend() -> ArrayBackend:
     """An :class:`~iqdb.kernels.ArrayBackend` on the stand-in, as ``gpu_backend(0)`` builds one for
     CuPy: ``asarray`` counts an upload, ``to_host`` a download (through ``xp``)."""
-    return ArrayBackend("cuda:0", xp, lambda: SERIAL, None, device_index=0)
+    return ArrayBackend("cuda:0", xp, lambda: SERIAL, None, device_index=0, fixed_shape=True)

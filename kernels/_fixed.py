@@ -1,0 +1,201 @@
+"""Exact flat top-k with fixed shapes: the driver for devices where a host sync costs (GPUs).
+
+>>> import numpy as np
+>>> from iqdb.kernels._fixed import fixed_topk
+>>> X = np.eye(3, dtype=np.float32)
+>>> res = fixed_topk(np, X, np.ones(3), np.arange(3, dtype=np.uint64), X[2:3], 2, "l2")
+>>> res.rows.tolist(), res.count
+([[2, 0]], 2)
+
+It answers exactly what :func:`~iqdb.kernels.flat_topk` answers (the same rows, order and
+canonical exact scores: the tests compare them bit for bit), by another route. The adaptive
+driver in ``_flat.py`` admits scores under a running bound, which on a CPU discards almost every
+score with one comparison, but every admission has a data-dependent size, and on a GPU each such
+size is a host sync. Here every step has a shape known in advance:
+
+1. per tile of stored rows, the coarse float32 scores of the whole query block (one product);
+2. :func:`~iqdb.kernels._select.select_k` keeps each query's ``c = k + margin`` best of the
+   tile, and a second ``select_k`` over ``[kept so far | tile's best]`` keeps the ``c`` best of
+   both (ties by position, so the earlier rows win, as in a scan);
+3. the ``c`` candidates are re-scored exactly in float64 and ordered by (score, id) with two
+   stable sorts (NaN last, by id).
+
+The host waits on the device twice per block of queries: once for the query norms (whether the
+float32 products are safe from overflow) and once, at the end, for the few queries the margin
+does not settle (near-ties: re-scanned exactly, as by the adaptive driver) or that have fewer
+than ``k`` non-NaN scores (COSINE with zero vectors: completed by id). Those rare queries take
+the adaptive driver's per-query paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._flat import (
+    _FINALIZE_BYTES,
+    _MARGIN,
+    DEFAULT_WORKING_SET,
+    MatVec,
+    SearchOutput,
+    _Candidates,
+    _coarse_query,
+    _fill_nan,
+    _on_host,
+    _rescan,
+    _rows_take,
+    _Tiler,
+    exact_scores,
+    flat_topk,
+    wide_norms,
+)
+from ._parallel import SERIAL, Parallel
+from ._select import select_k
+
+__all__ = ["fixed_topk"]
+
+Array = Any
+
+_MAX_BLOCK = 1024  # queries per block
+_MIN_TILE = 1024  # rows per tile at least, whatever the working set
+
+
+def fixed_topk(
+    xp: Any,
+    X: Array,
+    norms_sq: Array,
+    ids: Array,
+    Q: Array,
+    k: int,
+    metric: str,
+    rows: Array | None = None,
+    *,
+    dead: Array | None = None,
+    norms32: Array | None = None,
+    inv_norms32: Array | None = None,
+    norm_bounds: tuple[float, float] | None = None,
+    working_set: int = DEFAULT_WORKING_SET,
+    parallel: Parallel = SERIAL,
+    matvec: MatVec | None = None,
+) -> SearchOutput:
+    """:func:`~iqdb.kernels.flat_topk`'s contract, arguments and answer, with fixed shapes.
+
+    ``parallel`` is ignored (the device is the parallelism); ``norm_bounds`` may bound a superset
+    of the rows (the store's bounds with ``rows=``): they decide only whether float32 is safe and
+    how wide the rounding margin is.
+    """
+    m = int(Q.shape[0])
+    with np.errstate(divide="ignore", over="ignore"):
+        if norms32 is None:
+            norms32 = norms_sq.astype(xp.float32)
+        if metric == "cosine" and inv_norms32 is None:
+            inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
+    if dead is not None and dead.shape[0] == 0:
+        dead = None
+    cand = _Candidates(
+        X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead, _on_host(xp, dead)
+    )
+    if rows is not None:
+        cand = cand.subset(rows, xp)
+    count = min(k, cand.n_live)
+    out_rows = xp.empty((m, count), dtype=xp.int64)
+    out_scores = xp.empty((m, count), dtype=xp.float64)
+    if count == 0 or m == 0:
+        return SearchOutput(out_rows, out_scores, count)
+    if norm_bounds is None:
+        lo_hi = xp.stack([xp.min(xp.where(cand.norms > 0, cand.norms, xp.inf)), xp.max(cand.norms)])
+        lo, hi = (float(v) for v in _on_host(xp, lo_hi).tolist())  # type: ignore[union-attr]
+        norm_bounds = (lo, hi) if hi > 0 else (1.0, 0.0)
+    block = -(-m // -(-m // _MAX_BLOCK))
+    for q0 in range(0, m, block):
+        Qb = Q[q0 : q0 + block]
+        r, s = _block(xp, cand, ids, Qb, k, count, metric, norm_bounds, working_set, matvec)
+        if r is None:  # extreme norms: float64 coarse scores, which select_k does not take
+            fb = flat_topk(
+                xp, X, norms_sq, ids, Qb, k, metric, rows, dead=dead, norms32=norms32,
+                inv_norms32=inv_norms32, norm_bounds=norm_bounds, working_set=working_set,
+            )  # fmt: skip
+            r, s = fb.rows, fb.scores
+        out_rows[q0 : q0 + block] = r
+        out_scores[q0 : q0 + block] = s
+    return SearchOutput(out_rows, out_scores, count)
+
+
+def _block(
+    xp: Any,
+    cand: _Candidates,
+    ids: Array,
+    Qb: Array,
+    k: int,
+    count: int,
+    metric: str,
+    norm_bounds: tuple[float, float],
+    working_set: int,
+    matvec: MatVec | None,
+) -> tuple[Array | None, Array | None]:
+    mb, d, n = int(Qb.shape[0]), int(Qb.shape[1]), cand.n
+    Q64 = Qb.astype(xp.float64)
+    q_norm_sq = xp.sum(Q64 * Q64, axis=1)
+    # Sync 1: the query norms' range, which decides whether float32 products are safe.
+    q_range = xp.stack([xp.min(xp.where(q_norm_sq > 0, q_norm_sq, xp.inf)), xp.max(q_norm_sq)])
+    q_lo, q_hi = (float(v) for v in _on_host(xp, q_range).tolist())  # type: ignore[union-attr]
+    if wide_norms(norm_bounds, q_lo, q_hi):
+        return None, None
+    cdtype = xp.float32
+    Qc, tol = _coarse_query(xp, Q64, q_norm_sq, metric, cdtype, norm_bounds[1], d, wide=False)
+    c = min(n, k + _MARGIN)
+    tile = max(_MIN_TILE, working_set // (4 * mb) // 32 * 32)
+    tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, n), transposed=False, matvec=matvec)
+    best_s = xp.full((mb, c), xp.nan, dtype=cdtype)
+    best_r = xp.full((mb, c), -1, dtype=xp.int64)
+    for t0 in range(0, n, tile):
+        t1 = min(n, t0 + tile)
+        S = tiler.scores(t0, t1)  # (mb, t1 - t0); NaN for dead rows (and COSINE zero rows)
+        vals, col = select_k(xp, S, min(c, t1 - t0))
+        pos = xp.where(col >= 0, col + t0, -1)
+        # The kept ones first: on equal scores the earlier rows stay, as in one scan.
+        both_s = xp.concatenate([best_s, vals], axis=1)
+        both_r = xp.concatenate([best_r, pos], axis=1)
+        best_s, pick = select_k(xp, both_s, c)
+        best_r = _rows_take(xp, both_r, pick)
+    # The kept scores are sorted (NaN last): the k-th best and the worst kept are columns. The
+    # margin settles the top k when the worst kept is clearly worse than the k-th, when every
+    # live row was kept, or when fewer than c rows have a score (NaN past them).
+    kth = best_s[:, count - 1]
+    worst = best_s[:, c - 1]
+    safe = (worst > kth + tol) | xp.isnan(worst) | xp.isinf(kth)
+    if c >= cand.n_live:
+        safe = xp.ones(mb, dtype=bool)
+    valid = (best_r >= 0) & ~xp.isnan(best_s)
+    x_rows = cand.row_index(0, xp.where(valid, best_r, 0), xp)
+    exact = xp.empty((mb, c), dtype=xp.float64)
+    width = max(1, _FINALIZE_BYTES // (8 * d * mb))
+    for j0 in range(0, c, width):
+        A = xp.take(cand.X, x_rows[:, j0 : j0 + width], axis=0)
+        exact[:, j0 : j0 + width] = exact_scores(xp, metric, A, Q64[:, None, :])
+    scores = xp.where(valid, exact, xp.nan)
+    # Order by (score, id), NaN last: stably by id, then stably by score.
+    by_id = xp.argsort(ids[x_rows], axis=1, kind="stable")
+    by_score = xp.argsort(_rows_take(xp, scores, by_id), axis=1, kind="stable")
+    order = _rows_take(xp, by_id, by_score)[:, :count]
+    rows_out = _rows_take(xp, x_rows, order)
+    scores_out = _rows_take(xp, scores, order)
+    have = count - xp.sum(xp.isnan(scores_out), axis=1)
+    # Sync 2: which queries need more (rare).
+    flags = _on_host(xp, xp.stack([~safe, have < count]))
+    assert flags is not None
+    unsafe, short = np.flatnonzero(flags[0]), np.flatnonzero(flags[1] & ~flags[0])
+    if unsafe.shape[0] or short.shape[0]:
+        have_h = _on_host(xp, have)
+        assert have_h is not None
+        for i in unsafe.tolist():
+            bound = float(_on_host(xp, kth[i : i + 1] + tol[i : i + 1])[0])  # type: ignore[index]
+            rows_out[i], scores_out[i] = _rescan(
+                xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec, working_set
+            )
+        for i in short.tolist():
+            rows_out[i], scores_out[i] = _fill_nan(
+                xp, cand, ids, Q64[i], rows_out[i], int(have_h[i]), metric, count
+            )
+    return rows_out, scores_out
