@@ -115,12 +115,28 @@ def _tf32_requested(value: str) -> bool:
 
 @functools.cache
 def _warn_tf32(value: str) -> None:
-    """Log once per process (and value) that ``CUPY_TF32`` may lower matmul precision."""
+    """Log once per process (and value) that iqdb overrides ``CUPY_TF32``."""
     log.warning(
-        "CUPY_TF32=%r is set: CuPy's float32 matmul may run in TF32, below the full float32 "
-        "precision iqdb's exact search assumes; unset it",
+        "CUPY_TF32=%r is set: iqdb sets CuPy's float32 matmul back to full float32 in this process "
+        "(its exact search's rounding bound assumes it; TF32 keeps 10 mantissa bits)",
         value,
     )
+
+
+# CuPy's compute type for float32 products when CUPY_TF32 is unset: full float32
+# (cupy/_core/_routines_linalg.pyx, COMPUTE_TYPE_DEFAULT).
+_COMPUTE_TYPE_DEFAULT = 1
+
+
+def _force_fp32(cupy: Any) -> None:
+    """Make CuPy's float32 ``matmul`` run in full float32 whatever ``CUPY_TF32`` says.
+
+    CuPy reads the variable once, at the first float32 product, into a process-wide compute
+    type; setting that type first wins. Process-wide is the only scope CuPy offers.
+    """
+    from cupy._core import _routines_linalg as linalg
+
+    linalg.set_compute_type(cupy.float32, getattr(linalg, "COMPUTE_TYPE_DEFAULT", _COMPUTE_TYPE_DEFAULT))
 
 
 def gpu_backend(index: int) -> ArrayBackend:
@@ -133,8 +149,9 @@ def gpu_backend(index: int) -> ArrayBackend:
 
     Precision: CuPy's ``matmul`` runs float32 in TF32 when ``CUPY_TF32`` is a positive integer
     (read once per process, at the first float32 product), which breaks the kernels' fp32
-    rounding bound. The kernels must force full fp32 for their products whatever the
-    environment; until they do, this function logs a warning (once) when the variable is set.
+    rounding bound. When the variable asks for TF32, this function sets CuPy's float32 compute
+    type back to full float32 (for the whole process: CuPy has no narrower scope) and logs a
+    warning once.
 
     Raises
     ------
@@ -145,5 +162,6 @@ def gpu_backend(index: int) -> ArrayBackend:
 
     tf32 = os.environ.get("CUPY_TF32", "")
     if _tf32_requested(tf32):
+        _force_fp32(cupy)
         _warn_tf32(tf32)
     return ArrayBackend(f"cuda:{index}", cupy, lambda: SERIAL, None, device_index=index, fixed_shape=True)

@@ -80,6 +80,18 @@ def asarray(a):
     return np.asarray(a)
 '''
 
+# cupy._core._routines_linalg: the process-wide compute type of products, by dtype.
+FAKE_LINALG = """\
+import numpy as np
+
+COMPUTE_TYPE_DEFAULT = 1
+compute_types = {}
+
+
+def set_compute_type(dtype, kind):
+    compute_types[np.dtype(dtype).name] = kind
+"""
+
 HINT = 'pip install "iqdb[gpu]"'
 
 
@@ -99,6 +111,9 @@ def fake_dir(tmp_path: Path) -> Path:
     root = tmp_path / "fake"
     (root / "cupy").mkdir(parents=True)
     (root / "cupy" / "__init__.py").write_text(FAKE_CUPY)
+    (root / "cupy" / "_core").mkdir()
+    (root / "cupy" / "_core" / "__init__.py").write_text("")
+    (root / "cupy" / "_core" / "_routines_linalg.py").write_text(FAKE_LINALG)
     return root
 
 
@@ -110,8 +125,9 @@ def plant(monkeypatch: pytest.MonkeyPatch, fake_dir: Path, **config: object) -> 
     """
     for key, value in config.items():
         monkeypatch.setenv(f"FAKE_CUPY_{key.upper()}", str(value))
-    monkeypatch.setitem(sys.modules, "cupy", None)  # remembers the original for teardown
-    monkeypatch.delitem(sys.modules, "cupy")
+    for name in ("cupy", "cupy._core", "cupy._core._routines_linalg"):
+        monkeypatch.setitem(sys.modules, name, None)  # remembers the original for teardown
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(fake_dir))
 
 
@@ -310,7 +326,7 @@ def test_the_gpu_backend_allocates_under_its_own_device(
     assert backend.to_host(arr) is arr  # the stand-in's arrays are NumPy's
 
 
-def test_cupy_tf32_in_the_environment_is_warned_about_once(
+def test_cupy_tf32_in_the_environment_is_overridden_and_warned_about_once(
     fake_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     plant(monkeypatch, fake_dir, devices=1)
@@ -318,6 +334,8 @@ def test_cupy_tf32_in_the_environment_is_warned_about_once(
     monkeypatch.setenv("CUPY_TF32", "1")
     caplog.set_level(logging.INFO, logger="iqdb")
     gpu_backend(0)
+    # Full float32 for float32 products (CuPy's default compute type), set before any product.
+    assert sys.modules["cupy._core._routines_linalg"].compute_types == {"float32": 1}
     gpu_backend(0)
     warned = [r for r in caplog.records if "CUPY_TF32" in r.getMessage()]
     assert len(warned) == 1
