@@ -96,6 +96,7 @@ __all__ = [
     "__version__",
     "open",
     "open_in_memory",
+    "results_to_arrow",
 ]
 
 
@@ -115,3 +116,10 @@ def open_in_memory(*, device: str = "auto", working_set: int = DEFAULT_WORKING_S
     """A new in-memory database; see :meth:`Iqdb.open_in_memory`."""
     return Iqdb.open_in_memory(device=device, working_set=working_set)
 
+
+def results_to_arrow(ids: Any, scores: Any) -> Any:
+    """``search_arrays``' ``(ids, scores)`` as a long ``pyarrow.Table`` (query, rank, id, score),
+    padding left out; see :func:`iqdb._arrow.results_to_arrow`. Imports pyarrow on first use."""
+    from ._arrow import results_to_arrow as convert
+
+    return convert(ids, scores)

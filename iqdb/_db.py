@@ -481,6 +481,54 @@ class Iqdb:
         key = int(RecordId(rid))
         return bool(self._write(DeleteOp(np.array([key], dtype=np.uint64))))
 
+    def upsert_arrow(
+        self,
+        data: object,
+        *,
+        id_column: str = "id",
+        vector_column: str = "vector",
+        payload_columns: Sequence[str] | None = None,
+        progress: Callable[[int, int | None], None] | None = None,
+    ) -> int:
+        """Insert or replace records from Arrow data, streaming; the number of rows read.
+
+        ``data`` is a ``pyarrow.Table``, a ``RecordBatchReader`` or anything with
+        ``__arrow_c_stream__`` (pandas, polars). Each chunk of at most 65,536 rows is one
+        :meth:`upsert_many` (all or nothing). A null payload value means the key is absent; see
+        :mod:`iqdb._arrow` for the column types. ``progress(done, total)`` reports rows.
+
+        Raises
+        ------
+        InvalidArgument
+            Not Arrow data; a missing or badly typed column, named (timestamps, decimals, ...:
+            cast them first); a null or negative id.
+        InvalidVector, DimensionMismatch
+            As :meth:`upsert_many`.
+        """
+        self._check_open()
+        from ._arrow import upsert_arrow
+
+        return upsert_arrow(
+            self,
+            data,
+            id_column=id_column,
+            vector_column=vector_column,
+            payload_columns=payload_columns,
+            progress=progress,
+        )
+
+    def to_arrow(self) -> Any:
+        """Every record as a ``pyarrow.Table`` (one consistent version of the database).
+
+        Columns ``id`` (uint64), ``vector`` (``fixed_size_list<float32>[d]``) and one per
+        top-level payload key; :meth:`upsert_arrow` of it reproduces the records exactly (see
+        :mod:`iqdb._arrow`).
+        """
+        self._check_open()
+        from ._arrow import to_arrow
+
+        return to_arrow(self._store.version)
+
     def flush(self) -> None:
         """Make every write so far durable (fsync of the WAL); a no-op in memory.
 

@@ -80,16 +80,16 @@ def test_info_command_reports_a_durable_database(tmp_path: Path) -> None:
     with iqdb.open(tmp_path / "db") as db:
         db.upsert_many([1, 2, 3], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     done = subprocess.run(
-        [sys.executable, "-m", "iqdb", "info", str(tmp_path / "db")],
+        [sys.executable, "-m", "iqdb", "info", str(tmp_path / "db"), "--json"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["records"] == 3
+    assert report["count"] == 3
     assert report["dim"] == 2
-    assert report["check"]["ok"] is True
+    assert report["ok"] is True
     # Damage is reported with a failing exit status.
     with open(tmp_path / "db" / "snap", "r+b") as f:
         f.write(b"XXXX")
@@ -99,6 +99,6 @@ def test_info_command_reports_a_durable_database(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert done.returncode == 2
+    assert done.returncode == 4  # iqdb._cli's exit code for a corrupt database
     assert done.stderr.startswith("iqdb: Corrupt:")
     assert "Traceback" not in done.stderr

@@ -58,6 +58,7 @@ def test_all_is_exactly_the_curated_sorted_list() -> None:
         "__version__",
         "open",
         "open_in_memory",
+        "results_to_arrow",
     ]
     assert iqdb.__all__ == sorted(iqdb.__all__)
 
