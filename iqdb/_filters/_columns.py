@@ -123,8 +123,11 @@ def _put(
     codes: _Grow,
 ) -> None:  # fmt: skip
     """Write one batch of values of one path (or one path's list elements) at ``rows``."""
-    t = np.fromiter(map(tag_of, values), dtype=np.int8, count=len(values))
     r = np.asarray(rows, dtype=np.int64)
+    kinds = set(map(type, values))
+    if len(kinds) == 1 and _put_uniform(col, next(iter(kinds)), r, values, end, tags, ints, floats, codes):
+        return
+    t = np.fromiter(map(tag_of, values), dtype=np.int8, count=len(values))
     tags.ensure(end)[r] = t
     for tag, grow in ((INT, ints), (BOOL, ints), (FLOAT, floats)):
         sel = np.flatnonzero(t == tag)
@@ -137,6 +140,29 @@ def _put(
         codes.ensure(end)[r[sel]] = np.fromiter(
             (code(values[i]) for i in sel.tolist()), dtype=np.int32, count=int(sel.shape[0])
         )
+
+
+def _put_uniform(
+    col: PathColumn, kind: type, r: Any, values: list[Any], end: int, tags: _Grow, ints: _Grow, floats: _Grow,
+    codes: _Grow,
+) -> bool:  # fmt: skip
+    """:func:`_put` for values of one Python type, converted in bulk (no call per value); ``False``
+    for a type it does not handle."""
+    if kind is int or kind is bool:
+        ints.ensure(end)[r] = np.array(values, dtype=np.int64)
+    elif kind is float:
+        floats.ensure(end)[r] = np.array(values, dtype=np.float64)
+    elif kind is str:
+        import pyarrow as pa
+
+        # Arrow's dictionary encoding finds the distinct strings in C; only they meet Python.
+        enc = pa.array(values, type=pa.string()).dictionary_encode()
+        known = np.fromiter(map(col.code, enc.dictionary.to_pylist()), dtype=np.int32)
+        codes.ensure(end)[r] = known[enc.indices.to_numpy(zero_copy_only=False)] if known.shape[0] else 0
+    else:
+        return False
+    tags.ensure(end)[r] = tag_of(values[0])
+    return True
 
 
 class PayloadIndex:
@@ -210,7 +236,7 @@ class PayloadIndex:
                          (col.el_codes, c.el_codes))  # fmt: skip
                 for src, dst in pairs:
                     if src.a.shape[0]:
-                        dst.a = src.a[: col.el_n][keep]
+                        dst.a = src.view(0, col.el_n)[keep]
         out.n = k
         return out
 

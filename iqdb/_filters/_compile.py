@@ -154,7 +154,7 @@ def _leaf(
         hit = _any_equal(col, tags, values, payloads, f.path, at)
         return hit if op in ("eq", "in") else (tags != 0) & ~hit
     if op == "contains":
-        return _contains(col, value, at)
+        return _contains(col, value, at, payloads, f.path)
     return _ordered(col, tags, op, value, at)
 
 
@@ -309,7 +309,7 @@ def _id_leaf(f: Cmp, ids: npt.NDArray[np.uint64], n: int) -> Mask:
     return hit if f.op in ("eq", "in") else ~hit
 
 
-def _contains(col: PathColumn, value: Any, at: At) -> Mask:
+def _contains(col: PathColumn, value: Any, at: At, payloads: Sequence[Payload | None], path: str) -> Mask:
     out = np.zeros(at.size, dtype=bool)
     if not col.el_n:
         return out
@@ -331,7 +331,14 @@ def _contains(col: PathColumn, value: Any, at: At) -> Mask:
     elif value is None:
         hit = tags == NULL
     else:
-        return out  # lists and objects inside lists: not indexed, never matched by contains
+        # A list or an object: compare with the stored lists themselves (rarely used), at the
+        # rows whose list holds an element of that kind.
+        kind = LIST if t is list else DICT
+        for i in np.unique(owner_pos[tags == kind]).tolist():
+            stored = _resolve(payloads[int(at.row(i))], path)
+            if type(stored) is list and any(value_equal(e, value) for e in stored):
+                out[i] = True
+        return out
     out[owner_pos[hit]] = True
     return out
 

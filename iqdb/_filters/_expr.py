@@ -32,6 +32,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Union
 
+import numpy as np
+
 from .._errors import InvalidArgument
 from .._payload import PayloadValue, normalize_value
 
@@ -85,7 +87,9 @@ def literal_key(value: PayloadValue) -> tuple[Any, ...]:
     return ("d", *sorted((k, literal_key(v)) for k, v in value.items()))
 
 
-def _literal(value: object, where: str) -> PayloadValue:
+def _literal(value: object, where: str, path: str = "") -> PayloadValue:
+    if path == ID_PATH and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)  # ids reach 2**64 - 1, past a payload int's range
     try:
         return normalize_value(value, "")
     except InvalidArgument as exc:
@@ -311,7 +315,7 @@ class Field:
         return "Field.id" if self.path == ID_PATH else f"Field({self.path!r})"
 
     def _cmp(self, op: str, value: object) -> Cmp:
-        return Cmp(self.path, op, _literal(value, f"{self!r} {_OPS[op][1]}"))
+        return Cmp(self.path, op, _literal(value, f"{self!r} {_OPS[op][1]}", self.path))
 
     def __eq__(self, value: object) -> Cmp:  # type: ignore[override]
         return self._cmp("eq", value)
@@ -333,11 +337,11 @@ class Field:
 
     def isin(self, values: Iterable[object]) -> Cmp:
         """Equal to any of ``values``."""
-        return Cmp(self.path, "in", _values(values, f"{self!r}.isin"))
+        return Cmp(self.path, "in", _values(values, f"{self!r}.isin", self.path))
 
     def notin(self, values: Iterable[object]) -> Cmp:
         """Present and equal to none of ``values`` (``$nin``)."""
-        return Cmp(self.path, "nin", _values(values, f"{self!r}.notin"))
+        return Cmp(self.path, "nin", _values(values, f"{self!r}.notin", self.path))
 
     def between(self, lo: object, hi: object) -> Filter:
         """``lo <= field <= hi`` (inclusive)."""
@@ -357,10 +361,10 @@ object.__setattr__(_id_field, "path", ID_PATH)
 Field.id = _id_field
 
 
-def _values(values: object, where: str) -> tuple[PayloadValue, ...]:
+def _values(values: object, where: str, path: str = "") -> tuple[PayloadValue, ...]:
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise InvalidArgument(f"{where} takes a list of values, got {type(values).__name__}")
-    return tuple(_literal(v, where) for v in values)
+    return tuple(_literal(v, where, path) for v in values)
 
 
 def _parse(d: object, where: str) -> Filter:
@@ -397,11 +401,11 @@ def _parse_field(field: Field, body: object, where: str) -> Filter:
         if op is None:
             raise InvalidArgument(f"{where} has unknown operator {dop!r}")
         if op in ("in", "nin"):
-            conds.append(Cmp(field.path, op, _values(value, here)))
+            conds.append(Cmp(field.path, op, _values(value, here, field.path)))
         elif op == "exists":
             if type(value) is not bool:
                 raise InvalidArgument(f"{here} must be true or false, got {value!r}")
             conds.append(field.exists() if value else Not(field.exists()))
         else:
-            conds.append(Cmp(field.path, op, _literal(value, here)))
+            conds.append(Cmp(field.path, op, _literal(value, here, field.path)))
     return conds[0] if len(conds) == 1 else And(conds)
