@@ -48,6 +48,7 @@ def _adopt_source_kernels() -> None:
 
 _adopt_source_kernels()
 
+from ._async import AsyncIqdb
 from ._db import Iqdb
 from ._errors import (
     Closed,
@@ -71,6 +72,7 @@ from .kernels import DEFAULT_WORKING_SET
 __version__ = "0.5.0"
 
 __all__ = [
+    "AsyncIqdb",
     "Closed",
     "Corrupt",
     "DeviceUnavailable",

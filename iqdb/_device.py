@@ -246,10 +246,13 @@ def resolve_device(device: object) -> ArrayBackend:
     """
     kind, index, spelled = _from_environment(device)
     if kind == "cpu":
+        log.debug("iqdb device=%s: cpu", spelled)
         return cpu_backend()
     if kind == "cuda":
         assert index is not None
-        return _explicit_gpu(index, spelled)
+        backend = _explicit_gpu(index, spelled)
+        log.debug("iqdb device=%s: %s", spelled, backend.name)
+        return backend
     return _auto()
 
 

@@ -41,6 +41,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Literal, Optional
 
@@ -290,6 +291,7 @@ class DurableBackend:
         with self._io:
             self._check_writable()
             assert self._wal_fd is not None
+            started, emptied = time.perf_counter(), self._wal_size
             ids, vectors, payloads, norms = store.live_columns()
             data = SnapshotData(
                 ids=ids,
@@ -324,6 +326,14 @@ class DurableBackend:
                 self._poison(f"could not reset the WAL after compaction ({exc})", exc)
                 raise _storage_error(exc, "resetting the WAL failed") from exc
             self._wal_size = self._durable = self._data_end = 0
+        log.info(
+            "iqdb: %s: compacted to snapshot generation %d (%d records, %d WAL bytes emptied) in %.3f s",
+            self.path,
+            self.generation,
+            int(ids.shape[0]),
+            emptied,
+            time.perf_counter() - started,
+        )
 
     def _discard_tmp(self) -> None:
         try:
@@ -495,6 +505,7 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         _take_lock(b)
         if fs.exists(b.tmp_path):
             fs.unlink(b.tmp_path)  # a compaction died before its commit point
+            log.info("iqdb: %s: removed snap.tmp, left by a compaction that did not finish", b.path)
     snap = read_snapshot(fs, b.snap_path) if fs.exists(b.snap_path) else None
     if snap is not None:
         b.generation, b.last_seq = snap.generation, snap.last_seq
@@ -535,6 +546,13 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         if src is not None and plan is not None:
             _replay(store, replay_ops(src, b.generation, plan))
             b.recovery["replayed"] = plan.data_frames
+            if plan.data_frames:
+                log.info(
+                    "iqdb: %s: replayed %d WAL frame(s) after snapshot generation %d",
+                    b.path,
+                    plan.data_frames,
+                    b.generation,
+                )
     finally:
         if b.readonly and fd is not None:
             fs.close(fd)
@@ -643,6 +661,12 @@ def _recover_wal(b: DurableBackend, src: WalReader, fd: int | None) -> ScanResul
         if result.last_seq is not None and result.last_seq > b.last_seq:
             raise Corrupt("WAL of the previous generation holds writes the snapshot does not cover")
         b.recovery["stale_wal_discarded"] = True
+        log.info(
+            "iqdb: %s: discarded a WAL of generation %d that the snapshot already covers "
+            "(a compaction stopped before emptying it)",
+            b.wal_path,
+            gen,
+        )
         if fd is not None:
             fs.ftruncate(fd, 0)
             fs.fsync(fd)

@@ -33,6 +33,7 @@ CONTRACT_NAMES = [
 
 def test_all_is_exactly_the_curated_sorted_list() -> None:
     assert iqdb.__all__ == [
+        "AsyncIqdb",
         "Closed",
         "Corrupt",
         "DeviceUnavailable",

@@ -221,7 +221,7 @@ def test_flat_topk_through_the_standin_is_bit_identical(
     assert_same(dev, cpu)
     print(f"\n{metric} k={k} m={m} rows={prefilter} dead={dead}: {t.summary()}")
     assert t.implicit == 0 and t.dispatches == 0, t.sites("implicit") + t.sites("dispatches")
-    assert all(e.site.startswith("kernels/") for e in t.events), [e.site for e in t.events]
+    assert all("/kernels/" in "/" + e.site for e in t.events), [e.site for e in t.events]  # a checkout or a wheel
     assert t.syncs <= sync_ceiling(m, k), t.sites("syncs").most_common()
     if not dead:  # with dead rows the kernel uploads per tile: see the xfail test below
         assert t.uploads == 0, t.sites("uploads")
