@@ -175,7 +175,7 @@ class ChromaPeer(FilterPeer):
         import chromadb
 
         self.client = chromadb.EphemeralClient()
-        self.col = self.client.create_collection("v", metadata={"hnsw:space": "l2"})
+        self.col = self.client.create_collection("vectors", metadata={"hnsw:space": "l2"})
         step = 5000
         for r0 in range(0, X.shape[0], step):
             r1 = min(X.shape[0], r0 + step)
