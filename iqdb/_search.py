@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import math
 import os
 import threading
@@ -44,6 +45,7 @@ __all__ = ["NO_ID", "Searcher", "coerce_where"]
 NO_ID = 2**64 - 1
 """The id that pads a row of :meth:`Iqdb.search_arrays` with fewer results than the others."""
 
+log = logging.getLogger("iqdb")
 T = TypeVar("T")
 Predicate = Callable[[Record], object]
 # One filter for every query, or one per query (``None``: that query is not filtered).
@@ -52,6 +54,7 @@ Where = Filter | list[Filter | None] | None
 GATHER_FRACTION = 0.02  # the gather plan for at most this share of the live rows ...
 GATHER_ROWS = 20_000  # ... or this many matches (research/filters.md §3.4: break-even 5-8 %)
 _PLANS_PER_VERSION = 8
+_RETRY_MIN_BYTES = 1 << 20  # an out-of-memory search retries with 4x smaller tiles down to this
 # A batch with more distinct per-query filters than this serves the broad ones (matching at
 # least _SHARED_SCAN_MIN_SHARE of a sample of _SAMPLE_ROWS rows) from one shared scan keeping
 # up to _SHARED_SCAN_MAX_K candidates per query, instead of one scan per filter.
@@ -341,23 +344,39 @@ class Searcher:
         # searches it only adds thread hand-offs (and GIL waits) to each of them.
         alone = KERNEL_SLOTS.acquire()
         try:
-            return (fixed_topk if be.fixed_shape else flat_topk)(
-                be.xp,
-                X,
-                norms,
-                dev_ids,
-                be.asarray(Q) if isinstance(Q, np.ndarray) else Q,
-                k,
-                metric.value,
-                rows,
-                dead=dead,
-                norms32=norms32,
-                inv_norms32=inv32,
-                norm_bounds=v.bounds,
-                working_set=self.working_set,
-                parallel=be.parallel if alone else SERIAL,
-                matvec=be.matvec,
-            )
+            run = fixed_topk if be.fixed_shape else flat_topk
+            Qd = be.asarray(Q) if isinstance(Q, np.ndarray) else Q
+            ws = be.tile_bytes(self.working_set)
+            while True:
+                try:
+                    return run(
+                        be.xp,
+                        X,
+                        norms,
+                        dev_ids,
+                        Qd,
+                        k,
+                        metric.value,
+                        rows,
+                        dead=dead,
+                        norms32=norms32,
+                        inv_norms32=inv32,
+                        norm_bounds=v.bounds,
+                        working_set=ws,
+                        parallel=be.parallel if alone else SERIAL,
+                        matvec=be.matvec,
+                    )
+                except MemoryError as exc:  # noqa: PERF203 (CuPy's OutOfMemoryError is one too)
+                    if ws <= _RETRY_MIN_BYTES:
+                        raise MemoryError(
+                            f"out of memory searching {int(Q.shape[0])} queries over {v.n} rows on "
+                            f"{be.name}, even with {ws:,}-byte score tiles: search fewer queries at "
+                            "once, or free memory"
+                        ) from exc
+                    ws = max(_RETRY_MIN_BYTES, ws // 4)
+                    log.warning(
+                        "iqdb: out of memory in a search on %s; retrying with %d-byte tiles", be.name, ws
+                    )
         finally:
             KERNEL_SLOTS.release()
             self.searching.pop()

@@ -64,6 +64,20 @@ class ArrayBackend:
             return contextlib.nullcontext()
         return self.xp.cuda.Device(self.device_index)  # type: ignore[no-any-return]
 
+    def tile_bytes(self, working_set: int) -> int:
+        """Bytes of score tiles a search may hold: the caller's working set on the CPU; on a GPU
+        at least that and up to an eighth of the device's free memory (at most 1 GiB), so that a
+        search runs few, large tiles (each tile costs kernel launches, not host syncs)."""
+        if self.device_index is None:
+            return working_set
+        runtime = getattr(getattr(self.xp, "cuda", None), "runtime", None)
+        mem_get_info = getattr(runtime, "memGetInfo", None)
+        if mem_get_info is None:  # the CPU stand-in of the tests
+            return working_set
+        with self.device():
+            free, _total = mem_get_info()
+        return max(working_set, min(int(free) // 8, 1 << 30))
+
     def asarray(self, host: np.ndarray[Any, Any]) -> Any:
         """Move a host array to this backend's device (no copy on the CPU)."""
         if self.device_index is None:

@@ -660,3 +660,41 @@ def test_search_arrays_with_k_zero_answers_before_checking_metric_and_predicate(
     assert ids.shape == scores.shape == (1, 0)
     ids, scores = db.search_arrays([[1.0, 2.0]], 0, "l2", 5)  # type: ignore[arg-type]
     assert ids.shape == (1, 0)
+
+
+def test_a_search_out_of_memory_retries_with_smaller_tiles(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A MemoryError in the kernel (CuPy's OutOfMemoryError is one) is retried with tiles 4x
+    smaller, down to 1 MiB; the answer is the one a search with room gives."""
+    seen: list[int] = []
+    real = flat_topk
+
+    def tight(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["working_set"])
+        if kwargs["working_set"] > 2 << 20:
+            raise MemoryError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    with iqdb.open_in_memory(device="cpu", working_set=32 << 20) as db:
+        db.upsert_many([1, 2, 3], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        want = db.search_arrays([[1.0, 0.0]], 2, "l2")
+        monkeypatch.setattr("iqdb._search.flat_topk", tight)
+        got = db.search_arrays([[1.0, 0.0]], 2, "l2")
+    assert seen == [32 << 20, 8 << 20, 2 << 20]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert sum("retrying with" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_search_out_of_memory_at_the_smallest_tiles_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("out of memory (simulated)")
+
+    with iqdb.open_in_memory(device="cpu") as db:
+        db.upsert_many([1, 2], [[1.0, 0.0], [0.0, 1.0]])
+        monkeypatch.setattr("iqdb._search.flat_topk", never)
+        with pytest.raises(MemoryError, match=r"out of memory searching 1 queries over 2 rows on cpu"):
+            db.search([1.0, 0.0], 1)
+        monkeypatch.undo()
+        assert [int(r.id) for r in db.search([1.0, 0.0], 1, "l2")] == [1]  # nothing left broken

@@ -428,3 +428,27 @@ def test_array_backend_stays_positional_compatible() -> None:
     backend = ArrayBackend("cpu", np)
     assert backend.device_index is None
     assert backend.asarray(np.zeros(2)).dtype == np.float64
+
+
+def test_gpu_score_tiles_grow_with_free_device_memory() -> None:
+    """On a GPU a search's tiles may take an eighth of the free device memory (at most 1 GiB,
+    never less than the working set), read on the backend's own device; the CPU keeps the
+    working set."""
+    import contextlib
+    import types
+
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def device(index: int) -> Iterator[None]:
+        entered.append(index)
+        yield
+
+    free = [0]
+    runtime = types.SimpleNamespace(memGetInfo=lambda: (free[0], 80 << 30))
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=device))
+    be = ArrayBackend("cuda:1", fake, device_index=1, fixed_shape=True)
+    for free[0], want in ((40 << 30, 1 << 30), (800 << 20, 100 << 20), (8 << 20, 16 << 20)):
+        assert be.tile_bytes(16 << 20) == want
+    assert entered == [1, 1, 1]
+    assert iqdb.kernels.cpu_backend().tile_bytes(16 << 20) == 16 << 20
