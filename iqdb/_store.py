@@ -117,7 +117,14 @@ class _Mirror:
     """A layout's columns on the search device, filled on demand: a search first uploads the
     rows its version has and the mirror lacks (rows below a published count never change, so
     they are uploaded once, in one batch per search however many writes made them), and a
-    write never touches the device. Growth copies the uploaded rows device to device."""
+    write never touches the device.
+
+    A new layout (growth, vacuum) starts with an empty mirror, filled from the host columns by
+    the next search, not copied device to device from the old one: the old mirror is freed with
+    the old layout's last version (at once when no search is running), so the device never
+    holds both; a device-to-device copy would peak at old + new, about 2.2x the matrix at a
+    growth step of 1.2. The price is one upload of the whole matrix per growth (about 6x the
+    final size in all while a database grows from empty), at the host link's speed."""
 
     __slots__ = ("columns", "layout", "lock", "rows")
 
@@ -156,33 +163,6 @@ class _Mirror:
                         dev[lo:hi] = be.asarray(host[lo:hi])
                 self.rows = n
             return tuple(c[:n] for c in self.columns)
-
-    def adopt(self, old: _Mirror, rows: int) -> None:
-        """Start from ``old``'s first ``rows`` uploaded rows (growth: the rows did not move)."""
-        with old.lock:
-            if old.columns is None or old.rows == 0:
-                return
-            k = min(rows, old.rows)
-            self.columns = self._allocate()
-            for dev, src in zip(self.columns, old.columns):
-                dev[:k] = src[:k]
-            self.rows = k
-
-    def gather(self, old: _Mirror, rows: npt.NDArray[np.int64]) -> None:
-        """Start from ``old``'s ``rows`` (ascending), moved to the front (a vacuum), gathered on
-        the device: only the row indices go up."""
-        with old.lock:
-            if old.columns is None:
-                return
-            k = int(np.searchsorted(rows, old.rows))  # the kept rows old had uploaded
-            if k == 0:
-                return
-            be = self.layout.backend
-            idx = be.asarray(rows[:k])
-            self.columns = self._allocate()
-            for dev, src in zip(self.columns, old.columns):
-                dev[:k] = src[idx]
-            self.rows = k
 
     def nbytes(self) -> int:
         return 0 if self.columns is None else sum(int(c.nbytes) for c in self.columns)
@@ -587,8 +567,6 @@ class ColumnStore:
             new.payloads = [old.payloads[r] for r in rows.tolist()]
             new.fields = old.fields.take(rows)
             new.index.load(new.ids[:k], np.arange(k, dtype=np.int64))
-            if new.mirror is not None and old.mirror is not None:
-                new.mirror.gather(old.mirror, rows)
             self.n, self.n_dead = k, 0
             self._log = _DeadLog(0)
         elif self.n:
@@ -605,8 +583,6 @@ class ColumnStore:
             new.payloads = list(old.payloads[:k])
             new.fields = old.fields.take(np.arange(k, dtype=np.int64))
             new.index = old.index.copy()
-            if new.mirror is not None and old.mirror is not None:
-                new.mirror.adopt(old.mirror, k)
         self._layout = new
 
     def load(
