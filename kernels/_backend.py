@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ._flat import MatVec
 from ._parallel import SERIAL, Parallel, cpu_parallel
+from ._tiles import MatVec
 
 __all__ = ["ArrayBackend", "cpu_backend", "cpu_matvec", "gpu_backend"]
 

@@ -33,25 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from ._flat import (
-    _FINALIZE_BYTES,
-    _MARGIN,
-    DEFAULT_WORKING_SET,
-    MatVec,
-    SearchOutput,
-    _Candidates,
-    _coarse_query,
-    _fill_nan,
-    _on_host,
-    _rescan,
-    _rows_take,
-    _Tiler,
-    exact_scores,
-    flat_topk,
-    wide_norms,
-)
+from ._exact import _FINALIZE_BYTES, _fill_nan, _rescan, exact_scores
+from ._flat import _MARGIN, SearchOutput, _coarse_query, flat_topk, wide_norms
 from ._parallel import SERIAL, Parallel
 from ._select import select_k
+from ._tiles import DEFAULT_WORKING_SET, MatVec, _Candidates, _on_host, _rows_take, _Tiler
 
 __all__ = ["fixed_topk"]
 

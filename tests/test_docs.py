@@ -47,6 +47,10 @@ MODULES = [
     "iqdb._fs",
     "iqdb.kernels",
     "iqdb.kernels._flat",
+    "iqdb.kernels._fixed",
+    "iqdb.kernels._tiles",
+    "iqdb.kernels._selection",
+    "iqdb.kernels._exact",
     "iqdb.kernels._select",
 ]
 

@@ -22,7 +22,7 @@ import pytest
 from _reference import Expected, brute_force
 
 from iqdb._store import row_norms_sq
-from iqdb.kernels import _backend, _flat, cpu_backend, flat_topk
+from iqdb.kernels import _backend, _exact, _flat, _selection, _tiles, cpu_backend, flat_topk
 from iqdb.kernels._parallel import Parallel, ThreadedCpu, _BlasLimit
 
 METRICS = ["l2", "cosine", "dot"]
@@ -132,9 +132,10 @@ class InlineWorkers(Parallel):
 
 def lower_split_floors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let tiny test data split among workers (the real floors keep small scans whole)."""
-    monkeypatch.setattr(_flat, "_MIN_WORK", 0)
-    monkeypatch.setattr(_flat, "_MIN_WORK_ONE_QUERY", 0)
-    monkeypatch.setattr(_flat, "_MIN_ROWS_PER_WORKER", 1)
+    monkeypatch.setattr(_tiles, "_MIN_WORK", 0)
+    monkeypatch.setattr(_tiles, "_MIN_WORK_ONE_QUERY", 0)
+    monkeypatch.setattr(_tiles, "_MIN_ROWS_PER_WORKER", 1)
+    monkeypatch.setattr(_selection, "_MIN_WORK", 0)  # the sampled bound's own split
 
 
 @pytest.fixture
@@ -260,7 +261,7 @@ def test_a_sample_that_misses_the_top_k_falls_back_to_the_exact_scan(
     rng = np.random.default_rng(3)
     Q = rng.standard_normal((50, d)).astype(np.float32)
     X = (rng.standard_normal((n, d)) * 10 + 40).astype(np.float32)  # far from every query
-    s = n // _flat._SAMPLE_STRIDE
+    s = n // _selection._SAMPLE_STRIDE
     step = n // s
     near = np.arange(s) * step + step // 2
     X[near] = (Q[rng.integers(0, 50, s)] + rng.standard_normal((s, d)) * 0.1).astype(np.float32)
@@ -347,13 +348,13 @@ def test_the_reference_catches_a_kernel_whose_exact_scores_are_wrong(
 ) -> None:
     """The reference shares no code with the kernel: a kernel whose exact re-scoring is wrong
     (here in ways that keep every order) fails, whatever its own scoring function says."""
-    original = _flat.exact_scores
+    original = _exact.exact_scores
 
     def wrong(xp, metric, A, q):
         s = original(xp, metric, A, q)
         return s.astype(np.float32).astype(np.float64) if mutant == "float32-scores" else s * s
 
-    monkeypatch.setattr(_flat, "exact_scores", wrong)
+    monkeypatch.setattr(_exact, "exact_scores", wrong)
     X, ids = tricky_data(2000, 12, seed=1)
     Q = queries(X, 7, seed=1)
     with pytest.raises(AssertionError, match="scores"):
@@ -368,8 +369,8 @@ def test_the_selection_keeps_the_c_best_of_everything_added(mode: str) -> None:
     spare = 0 if mode == "merge" else int(mode.split("-")[1])
     rng = np.random.default_rng(spare + len(mode))
     mb, c, n = 6, 9, 400
-    cand = _flat._Candidates(np.zeros((n, 1), np.float32), None, np.zeros(n), np.zeros(n, np.float32), None)
-    sel = _flat._Selection(np, cand, mb, c, np.float32, spare)
+    cand = _tiles._Candidates(np.zeros((n, 1), np.float32), None, np.zeros(n), np.zeros(n, np.float32), None)
+    sel = _selection._Selection(np, cand, mb, c, np.float32, spare)
     everything: list[list[tuple[float, int]]] = [[] for _ in range(mb)]
     most = 0
     for batch in range(12):
@@ -447,7 +448,7 @@ def test_kth_run_min_is_the_kth_smallest_run_minimum(rows_axis: int, g: int) -> 
     S[3, 0] = np.nan  # one run of query 0 holds a NaN
     S[:, 4] = np.nan  # query 4: every run holds one
     S[: 101 // g * g : 101 // g, 1] = -5.0  # query 1: the g rows of run 0, all equal
-    got = _flat._kth_run_min(np, S if rows_axis == 0 else np.ascontiguousarray(S.T), 4, g, rows_axis)
+    got = _selection._kth_run_min(np, S if rows_axis == 0 else np.ascontiguousarray(S.T), 4, g, rows_axis)
     nr = 101 // g
     for q in range(5):
         minima = [S[j : nr * g : nr, q].min() for j in range(nr)]
