@@ -286,6 +286,8 @@ class Searcher:
         """Serve the queries of the broad filters from one scan with ``k'`` candidates each
         (fills ``found_*`` for the queries it answers exactly)."""
         L = v.layout
+        if v.live == 0:
+            return
         sample = np.unique(np.linspace(0, v.n - 1, min(v.n, _SAMPLE_ROWS)).astype(np.int64))
         broad: list[tuple[Filter, list[int]]] = []
         share = 1.0

@@ -153,12 +153,9 @@ def _put_uniform(
     elif kind is float:
         floats.ensure(end)[r] = np.array(values, dtype=np.float64)
     elif kind is str:
-        import pyarrow as pa
-
-        # Arrow's dictionary encoding finds the distinct strings in C; only they meet Python.
-        enc = pa.array(values, type=pa.string()).dictionary_encode()
-        known = np.fromiter(map(col.code, enc.dictionary.to_pylist()), dtype=np.int32)
-        codes.ensure(end)[r] = known[enc.indices.to_numpy(zero_copy_only=False)] if known.shape[0] else 0
+        # The dictionary keeps the payloads' own string objects (a copy, say from Arrow, would
+        # double the memory of unique strings).
+        codes.ensure(end)[r] = np.fromiter(map(col.code, values), dtype=np.int32, count=len(values))
     else:
         return False
     tags.ensure(end)[r] = tag_of(values[0])

@@ -78,7 +78,8 @@ class At:
 
     def elements(self, col: PathColumn) -> tuple[At, Any]:
         """The list elements owned by these rows, and the position of each one's owner."""
-        owners = col.el_owner.a[: col.el_n]
+        n = col.el_n  # first: a writer grows the table, then the count (the array may be newer)
+        owners = col.el_owner.a[:n]
         if self.rows is None:
             e0, e1 = (int(i) for i in np.searchsorted(owners, [self.a, self.b]))
             return At(e0, e1), owners[e0:e1] - self.a
@@ -88,7 +89,7 @@ class At:
         pos = np.repeat(np.arange(self.size), lengths)
         first = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
         idx = first + np.arange(total)
-        return At(0, col.el_n, idx), pos
+        return At(0, n, idx), pos
 
 
 def evaluate(
