@@ -175,7 +175,9 @@ class ChromaPeer(FilterPeer):
         import chromadb
 
         self.client = chromadb.EphemeralClient()
-        self.col = self.client.create_collection("vectors", metadata={"hnsw:space": "l2"})
+        # Ephemeral clients share one in-process store: a fresh name per build.
+        self.name = f"vectors-{time.monotonic_ns()}"
+        self.col = self.client.create_collection(self.name, metadata={"hnsw:space": "l2"})
         step = 5000
         for r0 in range(0, X.shape[0], step):
             r1 = min(X.shape[0], r0 + step)
@@ -189,6 +191,9 @@ class ChromaPeer(FilterPeer):
         where = None if limit is None else {"sel": {"$lt": limit}}
         res = self.col.query(query_embeddings=[q], n_results=k, where=where)
         return [int(i) for i in res["ids"][0]]
+
+    def close(self) -> None:
+        self.client.delete_collection(self.name)
 
 
 PEERS: dict[str, Callable[[], FilterPeer]] = {
