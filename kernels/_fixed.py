@@ -37,7 +37,7 @@ from ._exact import _FINALIZE_BYTES, _fill_nan, _rescan, exact_scores
 from ._flat import _MARGIN, SearchOutput, _coarse_query, flat_topk, wide_norms
 from ._parallel import SERIAL, Parallel
 from ._select import select_k
-from ._tiles import DEFAULT_WORKING_SET, MatVec, _Candidates, _on_host, _rows_take, _Tiler
+from ._tiles import DEFAULT_WORKING_SET, MatVec, _Candidates, _on_host, _rows_take, _Tiler, search_candidates
 
 __all__ = ["fixed_topk"]
 
@@ -72,18 +72,7 @@ def fixed_topk(
     how wide the rounding margin is.
     """
     m = int(Q.shape[0])
-    with np.errstate(divide="ignore", over="ignore"):
-        if norms32 is None:
-            norms32 = norms_sq.astype(xp.float32)
-        if metric == "cosine" and inv_norms32 is None:
-            inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
-    if dead is not None and dead.shape[0] == 0:
-        dead = None
-    cand = _Candidates(
-        X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead, _on_host(xp, dead)
-    )
-    if rows is not None:
-        cand = cand.subset(rows, xp)
+    cand = search_candidates(xp, X, norms_sq, metric, rows, dead, norms32, inv_norms32)
     count = min(k, cand.n_live)
     out_rows = xp.empty((m, count), dtype=xp.int64)
     out_scores = xp.empty((m, count), dtype=xp.float64)

@@ -60,12 +60,12 @@ from ._tiles import (
     Array,
     MatVec,
     _Candidates,
-    _on_host,
     _rows_take,
     _tile_hits,
     _Tiler,
     _to_list,
     _workers,
+    search_candidates,
 )
 
 __all__ = ["DEFAULT_WORKING_SET", "SearchOutput", "canonical_sum", "exact_scores", "flat_topk"]
@@ -148,18 +148,7 @@ def flat_topk(
         ``count = min(k, candidates)`` results per query, best first, as row indices into ``X``.
     """
     m = int(Q.shape[0])
-    with np.errstate(divide="ignore", over="ignore"):
-        if norms32 is None:
-            norms32 = norms_sq.astype(xp.float32)
-        if metric == "cosine" and inv_norms32 is None:
-            inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
-    if dead is not None and dead.shape[0] == 0:
-        dead = None
-    cand = _Candidates(
-        X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead, _on_host(xp, dead)
-    )
-    if rows is not None:
-        cand = cand.subset(rows, xp)
+    cand = search_candidates(xp, X, norms_sq, metric, rows, dead, norms32, inv_norms32)
     n_cand = cand.n
     count = min(k, cand.n_live)
     out_rows = xp.empty((m, count), dtype=xp.int64)

@@ -132,6 +132,31 @@ def _to_list(xp: Any, a: Array) -> list[int]:
 _AUGMENT_MIN = 256  # queries per block from which a per-tile copy of X beats a pass over S
 
 
+def search_candidates(
+    xp: Any,
+    X: Array,
+    norms_sq: Array,
+    metric: str,
+    rows: Array | None,
+    dead: Array | None,
+    norms32: Array | None,
+    inv_norms32: Array | None,
+) -> _Candidates:
+    """A search's candidates: ``X``'s rows (only ``rows`` when given, never ``dead``), with the
+    float32 caches of their norms (computed when absent)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        if norms32 is None:
+            norms32 = norms_sq.astype(xp.float32)
+        if metric == "cosine" and inv_norms32 is None:
+            inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
+    if dead is not None and dead.shape[0] == 0:
+        dead = None
+    cand = _Candidates(
+        X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead, _on_host(xp, dead)
+    )
+    return cand if rows is None else cand.subset(rows, xp)
+
+
 class _Tiler:
     """Computes coarse score tiles for one block of queries into a reused buffer.
 
