@@ -18,7 +18,6 @@ from ._tiles import (
     _Candidates,
     _rows_take,
     _Tiler,
-    _to_list,
 )
 
 __all__ = ["canonical_sum", "exact_scores"]
@@ -125,9 +124,47 @@ def _finalize(
     rows = _rows_take(xp, safe_rows, order)
     scores = _rows_take(xp, scores, order)
     have = count - xp.sum(xp.isnan(scores), axis=1)
-    for i in _to_list(xp, xp.nonzero(have < count)[0]):
-        rows[i], scores[i] = _fill_nan(xp, cand, ids, Q64[i], rows[i], int(have[i]), metric, count)
+    fill_nan_rows(xp, cand, ids, Q64, rows, scores, have, have < count, metric, count)
     return rows, scores
+
+
+def fill_nan_rows(
+    xp: Any,
+    cand: _Candidates,
+    ids: Array,
+    Q64: Array,
+    rows: Array,
+    scores: Array,
+    have: Array,
+    short: Array,
+    metric: str,
+    count: int,
+) -> None:
+    """Complete ``rows[i, have[i]:count]`` (and their scores), for every query ``i`` where
+    ``short`` is true, with the rows whose score is NaN, smallest ids first: in place, as array
+    work over all those queries at once (:func:`_fill_nan` for one).
+
+    Only COSINE has NaN scores: every row when the query is zero, else the zero rows. The
+    queries of each kind share one list of NaN rows, by id; query ``i`` takes its first
+    ``count - have[i]`` entries.
+    """
+    zero_q = xp.sum(Q64 * Q64, axis=1) == 0
+    live = cand.live_positions(xp)
+    for group, pos in ((short & zero_q, live), (short & ~zero_q, live[cand.norms[live] == 0])):
+        sel = xp.flatnonzero(group)
+        if sel.shape[0] == 0:
+            continue
+        nan_rows = cand.row_index(0, pos, xp)
+        nan_rows = nan_rows[xp.argsort(ids[nan_rows], kind="stable")][:count]
+        take = xp.arange(count)[None, :] - have[sel][:, None]  # the entry each slot takes
+        fill = take >= 0
+        block_rows, block_scores = rows[sel], scores[sel]
+        picked = nan_rows[xp.where(fill, take, 0)]
+        block_rows = xp.where(fill, picked, block_rows)
+        q_of = xp.broadcast_to(sel[:, None], fill.shape)
+        filled = exact_scores(xp, metric, cand.X[block_rows], Q64[q_of])
+        block_scores = xp.where(fill, filled, block_scores)
+        rows[sel], scores[sel] = block_rows, block_scores
 
 
 def _fill_nan(

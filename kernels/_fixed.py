@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ._exact import _FINALIZE_BYTES, _fill_nan, _rescan, exact_scores
+from ._exact import _FINALIZE_BYTES, _rescan, exact_scores, fill_nan_rows
 from ._flat import _MARGIN, SearchOutput, _coarse_query, flat_topk, wide_norms
 from ._parallel import SERIAL, Parallel
 from ._select import select_k
@@ -160,17 +160,11 @@ def _block(
     # Sync 2: which queries need more (rare).
     flags = _on_host(xp, xp.stack([~safe, have < count]))
     assert flags is not None
-    unsafe, short = np.flatnonzero(flags[0]), np.flatnonzero(flags[1] & ~flags[0])
-    if unsafe.shape[0] or short.shape[0]:
-        have_h = _on_host(xp, have)
-        assert have_h is not None
-        for i in unsafe.tolist():
-            bound = float(_on_host(xp, kth[i : i + 1] + tol[i : i + 1])[0])  # type: ignore[index]
-            rows_out[i], scores_out[i] = _rescan(
-                xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec, working_set
-            )
-        for i in short.tolist():
-            rows_out[i], scores_out[i] = _fill_nan(
-                xp, cand, ids, Q64[i], rows_out[i], int(have_h[i]), metric, count
-            )
+    if flags[1].any():  # the queries the margin settles but that lack non-NaN scores, at once
+        fill_nan_rows(xp, cand, ids, Q64, rows_out, scores_out, have, (have < count) & safe, metric, count)
+    for i in np.flatnonzero(flags[0]).tolist():
+        bound = float(_on_host(xp, kth[i : i + 1] + tol[i : i + 1])[0])  # type: ignore[index]
+        rows_out[i], scores_out[i] = _rescan(
+            xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec, working_set
+        )
     return rows_out, scores_out
