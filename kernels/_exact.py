@@ -107,7 +107,7 @@ def _finalize(
     """Exact scores for the kept candidates, then order by (score, id), NaN last, and cut.
 
     Placeholders (row -1) score NaN and sort last; a query left with fewer than ``count``
-    non-NaN results is completed by the rows whose score is NaN, by id (:func:`_fill_nan`).
+    non-NaN results is completed by the rows whose score is NaN, by id (:func:`fill_nan_rows`).
     """
     valid = rows_in >= 0
     safe_rows = xp.where(valid, rows_in, 0)
@@ -142,7 +142,7 @@ def fill_nan_rows(
 ) -> None:
     """Complete ``rows[i, have[i]:count]`` (and their scores), for every query ``i`` where
     ``short`` is true, with the rows whose score is NaN, smallest ids first: in place, as array
-    work over all those queries at once (:func:`_fill_nan` for one).
+    work over all those queries at once.
 
     Only COSINE has NaN scores: every row when the query is zero, else the zero rows. The
     queries of each kind share one list of NaN rows, by id; query ``i`` takes its first
@@ -167,58 +167,69 @@ def fill_nan_rows(
         rows[sel], scores[sel] = block_rows, block_scores
 
 
-def _fill_nan(
-    xp: Any, cand: _Candidates, ids: Array, q: Array, rows: Array, have: int, metric: str, count: int
-) -> tuple[Array, Array]:
-    """Complete ``rows[have:count]`` with the rows whose score is NaN, smallest ids first.
-
-    Only COSINE has NaN scores: every row when the query is zero, else the zero rows.
-    """
-    pos = cand.live_positions(xp)
-    if float(xp.sum(q * q)) != 0:
-        pos = pos[cand.norms[pos] == 0]
-    nan_rows = cand.row_index(0, pos, xp)
-    nan_rows = nan_rows[xp.argsort(ids[nan_rows], kind="stable")]
-    rows = rows.copy()
-    rows[have:count] = nan_rows[: count - have]
-    return rows, exact_scores(xp, metric, cand.X[rows], q)
-
-
-def _rescan(
+def rescan_rows(
     xp: Any,
     cand: _Candidates,
     ids: Array,
-    Qc1: Array,
-    q64: Array,
+    Qc: Array,
+    Q64: Array,
     metric: str,
     count: int,
-    bound: float,
+    bounds: Array,
     cdtype: Any,
     matvec: MatVec | None,
     working_set: int = DEFAULT_WORKING_SET,
 ) -> tuple[Array, Array]:
-    """Near-ties crowd the margin: score every row within ``bound`` exactly and keep the best
-    ``count``, tile by tile, so memory stays within the working set however many rows the
-    bound admits (all of them, when an extreme row makes the rounding bound huge)."""
-    n, d = cand.n, int(Qc1.shape[1])
+    """Near-ties crowd the margin of these queries (rows of ``Qc``/``Q64``): score exactly every
+    row whose coarse score is within the query's bound, and keep each query's best ``count`` by
+    (score, id), as array work over all the queries at once.
+
+    Tile by tile, so memory stays within the working set however many rows the bounds admit
+    (all of them, when an extreme row makes the rounding bound huge): after each piece of
+    exact scores only each query's ``count`` best are kept. A query left with fewer (COSINE with
+    zero vectors) is completed by :func:`fill_nan_rows`.
+    """
+    u, d = int(Qc.shape[0]), int(Qc.shape[1])
+    n = cand.n
     # Tiles within the working set, also when the rows are widened to float64.
-    width = 4 if cdtype == xp.float32 else 8 * (d + 1)
+    width = (4 if cdtype == xp.float32 else 8 * (d + 1)) * u
     tile = max(1, min(n, 1 << 20, working_set // width))
-    piece = max(1, working_set // (8 * d))  # rows re-scored in float64 at once
-    tiler = _Tiler(xp, cand, Qc1, metric, cdtype, tile, matvec=matvec)
-    rows = xp.empty(0, dtype=xp.int64)
-    scores = xp.empty(0, dtype=xp.float64)
+    piece = max(1, working_set // (8 * d))  # (query, row) pairs re-scored in float64 at once
+    tiler = _Tiler(xp, cand, Qc, metric, cdtype, tile, transposed=False, matvec=matvec)
+    kept_q = xp.empty(0, dtype=xp.int64)
+    kept_r = xp.empty(0, dtype=xp.int64)
+    kept_s = xp.empty(0, dtype=xp.float64)
     for t0 in range(0, n, tile):
-        S = tiler.scores(t0, min(t0 + tile, n))
-        hit = cand.row_index(t0, xp.flatnonzero(S.reshape(-1) <= bound), xp)
-        for p0 in range(0, int(hit.shape[0]), piece):
-            r = hit[p0 : p0 + piece]
-            rows = xp.concatenate([rows, r])
-            scores = xp.concatenate([scores, exact_scores(xp, metric, cand.X[r], q64)])
-            order = _order(xp, scores[None, :], ids[rows][None, :])[0][:count]
-            rows, scores = rows[order], scores[order]
-    have = int(rows.shape[0])
-    if have < count:
-        rows = xp.concatenate([rows, xp.zeros(count - have, dtype=xp.int64)])
-        return _fill_nan(xp, cand, ids, q64, rows, have, metric, count)
+        t1 = min(n, t0 + tile)
+        hits = xp.flatnonzero(tiler.scores(t0, t1) <= bounds[:, None])  # NaN never passes
+        for p0 in range(0, int(hits.shape[0]), piece):
+            flat = hits[p0 : p0 + piece]
+            qi = flat // (t1 - t0)
+            r = cand.row_index(t0, flat % (t1 - t0), xp)
+            kept_q = xp.concatenate([kept_q, qi])
+            kept_r = xp.concatenate([kept_r, r])
+            kept_s = xp.concatenate([kept_s, exact_scores(xp, metric, cand.X[r], Q64[qi])])
+            kept_q, kept_r, kept_s = _best_per_query(xp, kept_q, kept_r, kept_s, ids, count)
+    rows = xp.zeros((u, count), dtype=xp.int64)
+    scores = xp.full((u, count), xp.nan, dtype=xp.float64)
+    rank = xp.arange(kept_q.shape[0]) - xp.searchsorted(kept_q, kept_q, side="left")
+    rows[kept_q, rank] = kept_r
+    scores[kept_q, rank] = kept_s
+    have = xp.bincount(kept_q, minlength=u)
+    short = have < count
+    if bool(short.any()):  # COSINE with zero vectors only
+        fill_nan_rows(xp, cand, ids, Q64, rows, scores, have, short, metric, count)
     return rows, scores
+
+
+def _best_per_query(
+    xp: Any, q: Array, r: Array, s: Array, ids: Array, count: int
+) -> tuple[Array, Array, Array]:
+    """The ``count`` best (score, id) of each query's (query, row, score) triples, grouped by
+    query in that order (three stable sorts: by id, by score, by query; NaN last)."""
+    order = xp.argsort(ids[r], kind="stable")
+    order = order[xp.argsort(s[order], kind="stable")]
+    order = order[xp.argsort(q[order], kind="stable")]
+    q, r, s = q[order], r[order], s[order]
+    keep = xp.flatnonzero(xp.arange(q.shape[0]) - xp.searchsorted(q, q, side="left") < count)
+    return q[keep], r[keep], s[keep]

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from ._exact import _FINALIZE_BYTES, _rescan, exact_scores, fill_nan_rows
+from ._exact import _FINALIZE_BYTES, exact_scores, fill_nan_rows, rescan_rows
 from ._flat import _MARGIN, SearchOutput, _coarse_query, flat_topk, wide_norms
 from ._parallel import SERIAL, Parallel
 from ._select import select_k
@@ -162,9 +160,19 @@ def _block(
     assert flags is not None
     if flags[1].any():  # the queries the margin settles but that lack non-NaN scores, at once
         fill_nan_rows(xp, cand, ids, Q64, rows_out, scores_out, have, (have < count) & safe, metric, count)
-    for i in np.flatnonzero(flags[0]).tolist():
-        bound = float(_on_host(xp, kth[i : i + 1] + tol[i : i + 1])[0])  # type: ignore[index]
-        rows_out[i], scores_out[i] = _rescan(
-            xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec, working_set
+    if flags[0].any():  # near-ties at the k-th place: those queries are re-scanned, at once
+        unsafe = xp.flatnonzero(~safe)
+        rows_out[unsafe], scores_out[unsafe] = rescan_rows(
+            xp,
+            cand,
+            ids,
+            Qc[unsafe],
+            Q64[unsafe],
+            metric,
+            count,
+            (kth + tol)[unsafe],
+            cdtype,
+            matvec,
+            working_set,
         )
     return rows_out, scores_out

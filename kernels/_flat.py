@@ -41,9 +41,9 @@ import numpy as np
 from ._exact import (
     _FINALIZE_BYTES,
     _finalize,
-    _rescan,
     canonical_sum,
     exact_scores,
+    rescan_rows,
 )
 from ._parallel import SERIAL, Parallel
 from ._selection import (
@@ -63,7 +63,6 @@ from ._tiles import (
     _rows_take,
     _tile_hits,
     _Tiler,
-    _to_list,
     _workers,
     search_candidates,
 )
@@ -258,13 +257,21 @@ def _search_block(
     else:
         for w in range(workers):
             finish(w)
-    for i in _to_list(xp, xp.nonzero(~safe)[0]):
-        bound = float(kth[i] + tol[i])
-        r, s = _rescan(
-            xp, cand, ids, Qc[i : i + 1], Q64[i], metric, count, bound, cdtype, matvec, working_set
+    unsafe = xp.flatnonzero(~safe)
+    if unsafe.shape[0]:
+        rows_out[unsafe], scores_out[unsafe] = rescan_rows(
+            xp,
+            cand,
+            ids,
+            Qc[unsafe],
+            Q64[unsafe],
+            metric,
+            count,
+            (kth + tol)[unsafe],
+            cdtype,
+            matvec,
+            working_set,
         )
-        rows_out[i] = r
-        scores_out[i] = s
     return rows_out, scores_out
 
 
