@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -94,24 +96,53 @@ class ArrayBackend:
         return np.asarray(arr.get())
 
 
-# From this many bytes of rows, a single query streams them with einsum's own float32 loop rather
-# than OpenBLAS's sgemv: measured on one core, 22 against 16 GB/s at 200,000 x 768 from memory
-# (two cores: 37 against 29 GB/s, at or above the read floor), while sgemv is about 2x faster on
-# rows that sit in the caches (crossing over at about 16 MiB). Either sums each row's d products
-# in float32, which the kernel's rounding bound covers whatever the order.
+# Rows that sit in the caches (under about 16 MiB) stream faster through OpenBLAS's sgemv (about
+# 2x on the machine iqdb was tuned on). From memory the faster way depends on the CPU: einsum's
+# own float32 loop measured 22 against 16 GB/s on one core there (two cores: 37 against 29 GB/s),
+# but another 2-vCPU guest ran NumPy's X @ q (sgemv) faster than iqdb's einsum. So the first
+# block of this size or more that a process streams is streamed both ways (twice each) and the
+# faster way is kept for the process: a rule that holds on any CPU. Either sums each row's d
+# products in float32, which the kernel's rounding bound covers whatever the order.
 _EINSUM_MIN_BYTES = 16 << 20
+_large_matvec: str | None = None  # "einsum" or "sgemv" once measured
+_clock = time.perf_counter
+
+
+def _einsum(A: np.ndarray[Any, Any], v: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
+    np.einsum("ij,j->i", A, v, out=out)
+
+
+def _sgemv(A: np.ndarray[Any, Any], v: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
+    # OpenBLAS's sgemv scales the output by beta = 0 before adding A @ v: an uninitialised or
+    # reused buffer holding a signalling NaN then raises the invalid flag (NumPy warns, seen
+    # once in CI) although the result is right. A zeroed buffer never does.
+    out.fill(0.0)
+    np.matmul(A, v, out=out)
+
+
+def _calibrate(A: np.ndarray[Any, Any], v: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> str:
+    """Stream ``A`` both ways, alternating, twice each; the faster way's name (``out`` holds
+    ``A @ v`` afterwards, as both compute it)."""
+    best = {"einsum": math.inf, "sgemv": math.inf}
+    for _ in range(2):
+        for name, fn in (("einsum", _einsum), ("sgemv", _sgemv)):
+            t0 = _clock()
+            fn(A, v, out)
+            best[name] = min(best[name], _clock() - t0)
+    choice = min(best, key=best.__getitem__)
+    log.debug("iqdb: large single-query products use %s on this CPU (%s)", choice, best)
+    return choice
 
 
 def cpu_matvec(A: np.ndarray[Any, Any], v: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
     """``out[:] = A @ v``, streaming ``A`` the faster way on this CPU (see ``_EINSUM_MIN_BYTES``)."""
-    if A.nbytes >= _EINSUM_MIN_BYTES:
-        np.einsum("ij,j->i", A, v, out=out)
+    global _large_matvec
+    if A.nbytes < _EINSUM_MIN_BYTES:
+        _sgemv(A, v, out)
+    elif _large_matvec is None:
+        _large_matvec = _calibrate(A, v, out)  # a race only measures twice
     else:
-        # OpenBLAS's sgemv scales the output by beta = 0 before adding A @ v: an uninitialised
-        # or reused buffer holding a signalling NaN then raises the invalid flag (NumPy warns,
-        # seen once in CI) although the result is right. A zeroed buffer never does.
-        out.fill(0.0)
-        np.matmul(A, v, out=out)
+        (_einsum if _large_matvec == "einsum" else _sgemv)(A, v, out)
 
 
 def cpu_backend() -> ArrayBackend:

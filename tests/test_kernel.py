@@ -16,6 +16,7 @@ order, so there ids and score bits must be equal.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import numpy as np
 import pytest
@@ -404,9 +405,10 @@ def test_the_selection_keeps_the_c_best_of_everything_added(mode: str) -> None:
 def test_both_single_query_products_of_the_cpu_backend_match_the_reference(
     metric: str, einsum: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The CPU backend's matvec streams rows with einsum above _EINSUM_MIN_BYTES and with sgemv
-    below it; one query's scan (and a re-scan) goes through it."""
+    """The CPU backend's matvec streams rows with sgemv below _EINSUM_MIN_BYTES and, above it,
+    the way measured faster (einsum here); one query's scan (and a re-scan) goes through it."""
     monkeypatch.setattr(_backend, "_EINSUM_MIN_BYTES", 0 if einsum else 1 << 62)
+    monkeypatch.setattr(_backend, "_large_matvec", "einsum")
     calls: list[str] = []
     original = np.einsum
     monkeypatch.setattr(np, "einsum", lambda spec, *a, **kw: calls.append(spec) or original(spec, *a, **kw))
@@ -567,3 +569,37 @@ def test_exact_scores_are_the_canonical_sum_bit_for_bit(d: int, metric: str) -> 
         assert (math.isnan(want) and math.isnan(score)) or np.float64(score).tobytes() == np.float64(
             want
         ).tobytes()
+
+
+@pytest.mark.parametrize("faster", ["einsum", "sgemv"])
+def test_large_single_query_products_take_the_way_measured_faster(
+    faster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first large block a process streams is streamed both ways, twice each, and the
+    faster way is kept: later large blocks use only it; small blocks always use sgemv."""
+    monkeypatch.setattr(_backend, "_large_matvec", None)
+    monkeypatch.setattr(_backend, "_EINSUM_MIN_BYTES", 4096)
+    now = [0.0]
+    used: list[str] = []
+    for name in ("einsum", "sgemv"):
+        real = getattr(_backend, f"_{name}")
+
+        def timed(A: Any, v: Any, out: Any, name: str = name, real: Any = real) -> None:
+            used.append(name)
+            now[0] += 1.0 if name == faster else 3.0  # the fake clock's cost of each way
+            real(A, v, out)
+
+        monkeypatch.setattr(_backend, f"_{name}", timed)
+    monkeypatch.setattr(_backend, "_clock", lambda: now[0])
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((64, 32)).astype(np.float32)  # 8 KiB: large here
+    v = rng.standard_normal(32).astype(np.float32)
+    out = np.empty(64, dtype=np.float32)
+    _backend.cpu_matvec(A, v, out)
+    np.testing.assert_allclose(out, A @ v, rtol=1e-5)
+    assert sorted(used) == ["einsum", "einsum", "sgemv", "sgemv"] and _backend._large_matvec == faster
+    used.clear()
+    _backend.cpu_matvec(A, v, out)
+    _backend.cpu_matvec(A[:8], v, out[:8])  # 1 KiB: small, sgemv whatever was measured
+    assert used == [faster, "sgemv"]
+    np.testing.assert_allclose(out[:8], A[:8] @ v, rtol=1e-5)
