@@ -149,9 +149,11 @@ def fill_nan_rows(
     ``count - have[i]`` entries.
     """
     zero_q = xp.sum(Q64 * Q64, axis=1) == 0
+    groups = [xp.flatnonzero(short & zero_q), xp.flatnonzero(short & ~zero_q)]
+    if not (groups[0].shape[0] or groups[1].shape[0]):
+        return  # the common case: found before any pass over the rows
     live = cand.live_positions(xp)
-    for group, pos in ((short & zero_q, live), (short & ~zero_q, live[cand.norms[live] == 0])):
-        sel = xp.flatnonzero(group)
+    for sel, pos in zip(groups, (live, live[cand.norms[live] == 0])):
         if sel.shape[0] == 0:
             continue
         nan_rows = cand.row_index(0, pos, xp)
