@@ -227,11 +227,28 @@ class _Plan:
             if encoded and not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
                 raise InvalidArgument(f"payload column {name!r} is marked iqdb-encoded but is not binary")
             self.payload.append((name, key, encoded))
+        # Arrow's Python values are canonical payload values, but for unsigned 64-bit integers
+        # inside lists or structs (a top-level uint64 column is checked before the write): those
+        # batches take upsert_many's per-value check.
+        self.canonical = not any(_inner_uint64(schema.field(name).type) for name, _, _ in self.payload)
         self.empty_marker = (
             EMPTY_PAYLOAD_COLUMN
             if EMPTY_PAYLOAD_COLUMN in names and pa.types.is_boolean(schema.field(EMPTY_PAYLOAD_COLUMN).type)
             else None
         )
+
+
+def _inner_uint64(t: pa.DataType, inner: bool = False) -> bool:
+    """Whether ``t`` holds uint64 values inside a list or a struct."""
+    if pa.types.is_uint64(t):
+        return inner
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _inner_uint64(t.value_type, True)
+    if pa.types.is_struct(t):
+        return any(_inner_uint64(t.field(i).type, True) for i in range(t.num_fields))
+    if pa.types.is_dictionary(t):
+        return _inner_uint64(t.value_type, inner)
+    return False
 
 
 def _vector_dim(t: pa.DataType, column: str) -> int | None:
@@ -349,8 +366,9 @@ def _payloads(batch: pa.RecordBatch, plan: _Plan, base: int) -> list[dict[str, A
         if plan.empty_marker is not None
         else [False] * n
     )
-    # Plain dicts: upsert_many checks and copies each into a Payload anyway (wrapping them here
-    # as already-checked Payloads measured no faster, since it copies those too).
+    # Fresh dicts of canonical values (Arrow's Python conversions give int64-range ints, valid
+    # UTF-8 strings, bytes, floats, lists and str-keyed dicts): the handle adopts them as they
+    # are (Iqdb._upsert_canonical), with no per-record check or copy.
     rows = zip(*columns) if columns else iter([()] * n)
     out: list[dict[str, Any] | None] = []
     if dense and keys:  # every row has every key: no per-value test
@@ -403,7 +421,10 @@ def upsert_arrow(
             ids = _ids(chunk.column(plan.id_column), plan, done)
             vectors = _vectors(chunk.column(plan.vector_column), plan, done)
             payloads = _payloads(chunk, plan, done)
-            db.upsert_many(ids, vectors, payloads)
+            if plan.canonical:
+                db._upsert_canonical(ids, vectors, payloads)  # Arrow's values are canonical already
+            else:
+                db.upsert_many(ids, vectors, payloads)
             done += chunk.num_rows
             bar.advance(chunk.num_rows)
     return done

@@ -465,6 +465,28 @@ class Iqdb:
             if len(payloads) != n:
                 raise InvalidArgument(f"got {n} ids but {len(payloads)} payloads")
             plist = _coerce_payloads(payloads)
+        self._upsert_rows(id_arr, matrix, plist)
+
+    def _upsert_canonical(
+        self, ids: object, vectors: object, payloads: Sequence[dict[str, Any] | None] | None
+    ) -> None:
+        """:meth:`upsert_many` for a caller whose payloads are fresh dicts of canonical values
+        (iqdb's own Arrow import builds them from Arrow's types): they are adopted as they are,
+        without the check and the copy (about half of a bulk import's time otherwise)."""
+        self._check_writable()
+        id_arr = coerce_ids(ids)
+        matrix = as_matrix(vectors)
+        n = int(id_arr.shape[0])
+        if payloads is None:
+            payloads = [None] * n
+        if not (matrix.shape[0] == n == len(payloads)):
+            raise InvalidArgument(f"got {n} ids, {matrix.shape[0]} vectors and {len(payloads)} payloads")
+        trusted = Payload._trusted
+        self._upsert_rows(id_arr, matrix, [None if p is None else trusted(p) for p in payloads])
+
+    def _upsert_rows(
+        self, id_arr: npt.NDArray[np.uint64], matrix: npt.NDArray[np.float32], plist: list[Payload | None]
+    ) -> None:
         # A repeated id: the last row wins.
         op = dedupe_last(UpsertOp(np.ascontiguousarray(id_arr), np.ascontiguousarray(matrix), plist))
         self._write(op, int(matrix.shape[1]))
