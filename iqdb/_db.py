@@ -50,7 +50,7 @@ from ._values import (
 )
 from .kernels import DEFAULT_WORKING_SET
 
-__all__ = ["Iqdb", "coerce_ids"]
+__all__ = ["Iqdb", "coerce_ids", "coerce_rows"]
 
 log = logging.getLogger("iqdb")
 
@@ -446,26 +446,9 @@ class Iqdb:
             The rows' dimension differs from the database's.
         """
         self._check_writable()
-        id_arr = coerce_ids(ids)
-        n = int(id_arr.shape[0])
-        if n == 0:
-            if _length(vectors) not in (0, None):
-                raise InvalidArgument(f"got 0 ids but {_length(vectors)} vectors")
-            if payloads is not None and _length(payloads) != 0:
-                raise InvalidArgument(f"got 0 ids but {_length(payloads)} payloads")
-            return
-        matrix = as_matrix(vectors)
-        if matrix.shape[0] != n:
-            raise InvalidArgument(f"got {n} ids but {matrix.shape[0]} vectors")
-        if payloads is None:
-            plist: list[Payload | None] = [None] * n
-        else:
-            if isinstance(payloads, (str, bytes, Mapping)) or not hasattr(payloads, "__len__"):
-                raise InvalidArgument(f"payloads must be a sequence, got {type(payloads).__name__}")
-            if len(payloads) != n:
-                raise InvalidArgument(f"got {n} ids but {len(payloads)} payloads")
-            plist = _coerce_payloads(payloads)
-        self._upsert_rows(id_arr, matrix, plist)
+        rows = coerce_rows(ids, vectors, payloads)
+        if rows is not None:
+            self._upsert_rows(*rows)
 
     def _upsert_canonical(
         self, ids: object, vectors: object, payloads: Sequence[dict[str, Any] | None] | None
@@ -474,15 +457,9 @@ class Iqdb:
         (iqdb's own Arrow import builds them from Arrow's types): they are adopted as they are,
         without the check and the copy (about half of a bulk import's time otherwise)."""
         self._check_writable()
-        id_arr = coerce_ids(ids)
-        matrix = as_matrix(vectors)
-        n = int(id_arr.shape[0])
-        if payloads is None:
-            payloads = [None] * n
-        if not (matrix.shape[0] == n == len(payloads)):
-            raise InvalidArgument(f"got {n} ids, {matrix.shape[0]} vectors and {len(payloads)} payloads")
-        trusted = Payload._trusted
-        self._upsert_rows(id_arr, matrix, [None if p is None else trusted(p) for p in payloads])
+        rows = coerce_rows(ids, vectors, payloads, adopt=True)
+        if rows is not None:
+            self._upsert_rows(*rows)
 
     def _upsert_rows(
         self, id_arr: npt.NDArray[np.uint64], matrix: npt.NDArray[np.float32], plist: list[Payload | None]
@@ -812,6 +789,45 @@ class Iqdb:
             return DeleteOp(ids) if ids.shape[0] else None
 
         return int(self._write(matches))
+
+
+Rows = tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32], list[Payload | None]]
+
+
+def coerce_rows(
+    ids: object, vectors: object, payloads: Sequence[Any] | None, *, adopt: bool = False
+) -> Rows | None:
+    """:meth:`Iqdb.upsert_many`'s arguments checked and converted: ids, the ``(n, d)`` float32
+    matrix and n payloads; ``None`` when there is nothing to write (no ids, and no vectors or
+    payloads either). ``adopt``: the payloads are fresh dicts of canonical values (iqdb's Arrow
+    import builds them), wrapped as they are instead of checked and copied.
+
+    Raises
+    ------
+    InvalidArgument, InvalidVector
+        As :meth:`Iqdb.upsert_many`.
+    """
+    id_arr = coerce_ids(ids)
+    n = int(id_arr.shape[0])
+    if n == 0:
+        if _length(vectors) not in (0, None):
+            raise InvalidArgument(f"got 0 ids but {_length(vectors)} vectors")
+        if payloads is not None and _length(payloads) != 0:
+            raise InvalidArgument(f"got 0 ids but {_length(payloads)} payloads")
+        return None
+    matrix = as_matrix(vectors)
+    if matrix.shape[0] != n:
+        raise InvalidArgument(f"got {n} ids but {matrix.shape[0]} vectors")
+    if payloads is None:
+        return id_arr, matrix, [None] * n
+    if isinstance(payloads, (str, bytes, Mapping)) or not hasattr(payloads, "__len__"):
+        raise InvalidArgument(f"payloads must be a sequence, got {type(payloads).__name__}")
+    if len(payloads) != n:
+        raise InvalidArgument(f"got {n} ids but {len(payloads)} payloads")
+    if adopt:
+        trusted = Payload._trusted
+        return id_arr, matrix, [None if p is None else trusted(p) for p in payloads]
+    return id_arr, matrix, _coerce_payloads(payloads)
 
 
 def _coerce_payloads(payloads: Sequence[object]) -> list[Payload | None]:

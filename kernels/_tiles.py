@@ -125,10 +125,6 @@ def _on_host(xp: Any, a: Array | None) -> np.ndarray[Any, Any] | None:
     return host
 
 
-def _to_list(xp: Any, a: Array) -> list[int]:
-    return [int(v) for v in (a.tolist() if xp is np else a.get().tolist())]
-
-
 _AUGMENT_MIN = 256  # queries per block from which a per-tile copy of X beats a pass over S
 
 

@@ -211,10 +211,11 @@ def _ordered(col: PathColumn, tags: npt.NDArray[np.int8], op: str, value: Any, a
         return (tags == BOOL) & _int_cmp(at.of(col.ints), op, int(value), _I64)
     if t is int or t is float:
         out = np.zeros(at.size, dtype=bool)
-        if (tags == INT).any():
-            out |= (tags == INT) & _int_vs_number(at.of(col.ints), op, value, _I64)
-        if (tags == FLOAT).any():
-            out |= (tags == FLOAT) & _float_vs_number(at.of(col.floats), op, value)
+        is_int, is_float = tags == INT, tags == FLOAT  # a column of one kind skips the other's pass
+        if is_int.any():
+            out |= is_int & _int_vs_number(at.of(col.ints), op, value, _I64)
+        if is_float.any():
+            out |= is_float & _float_vs_number(at.of(col.floats), op, value)
         return out
     if t is str or t is bytes:
         kind = STR if t is str else BYTES

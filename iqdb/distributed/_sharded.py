@@ -17,14 +17,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .._db import _check_k, _coerce_payloads, _length, coerce_ids
+from .._db import _check_k, _length, coerce_ids, coerce_rows
 from .._errors import Closed, Corrupt, DimensionMismatch, InvalidArgument, InvalidConfig
 from .._payload import Payload
 from .._values import (
@@ -439,26 +439,9 @@ class ShardedIqdb:
             A shard did not acknowledge in time; the others' parts are written.
         """
         self._check_open()
-        id_arr = coerce_ids(ids)
-        n = int(id_arr.shape[0])
-        if n == 0:
-            if _length(vectors) not in (0, None):
-                raise InvalidArgument(f"got 0 ids but {_length(vectors)} vectors")
-            if payloads is not None and _length(payloads) != 0:
-                raise InvalidArgument(f"got 0 ids but {_length(payloads)} payloads")
-            return
-        matrix = as_matrix(vectors)
-        if matrix.shape[0] != n:
-            raise InvalidArgument(f"got {n} ids but {matrix.shape[0]} vectors")
-        if payloads is None:
-            plist: list[Payload | None] = [None] * n
-        else:
-            if isinstance(payloads, (str, bytes, Mapping)) or not hasattr(payloads, "__len__"):
-                raise InvalidArgument(f"payloads must be a sequence, got {type(payloads).__name__}")
-            if len(payloads) != n:
-                raise InvalidArgument(f"got {n} ids but {len(payloads)} payloads")
-            plist = _coerce_payloads(payloads)
-        self._write_rows(id_arr, matrix, plist, timeout)
+        rows = coerce_rows(ids, vectors, payloads)
+        if rows is not None:
+            self._write_rows(*rows, timeout)
 
     def _write_rows(
         self,
@@ -736,13 +719,7 @@ class ShardedIqdb:
         ShardUnavailable
             A shard did not answer in time.
         """
-        self._check_open()
-        kk = _check_k(k)
-        if kk == 0:
-            return []
-        met = coerce_metric(metric)
-        Q = as_vector_array(query)[None, :]
-        return self._search_lists(Q, kk, met, None, filter, timeout)[0]
+        return self._search_one(query, k, metric, None, filter, timeout)
 
     def search_with(
         self,
@@ -763,14 +740,26 @@ class ShardedIqdb:
             ``predicate`` is not callable; as :meth:`search` otherwise.
         """
         self._check_open()
-        kk = _check_k(k)
-        if kk and not callable(predicate):
+        if _check_k(k) and not callable(predicate):
             raise InvalidArgument(f"predicate must be callable, got {type(predicate).__name__}")
+        return self._search_one(query, k, metric, predicate, None, timeout)
+
+    def _search_one(
+        self,
+        query: object,
+        k: object,
+        metric: object,
+        predicate: Predicate | None,
+        filter: object,
+        timeout: float | None,
+    ) -> list[SearchResult]:
+        self._check_open()
+        kk = _check_k(k)
         if kk == 0:
             return []
         met = coerce_metric(metric)
         Q = as_vector_array(query)[None, :]
-        return self._search_lists(Q, kk, met, predicate, None, timeout)[0]
+        return self._search_lists(Q, kk, met, predicate, filter, timeout)[0]
 
     def search_batch(
         self,
