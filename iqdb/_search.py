@@ -367,6 +367,7 @@ class Searcher:
                         working_set=ws,
                         parallel=be.parallel if alone else SERIAL,
                         matvec=be.matvec,
+                        profile=be.profile,
                     )
                 except MemoryError as exc:  # noqa: PERF203 (CuPy's OutOfMemoryError is one too)
                     if ws <= _RETRY_MIN_BYTES:

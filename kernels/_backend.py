@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._parallel import SERIAL, Parallel, cpu_parallel
+from ._profile import CPU_PROFILE, GPU_PROFILE, Profile
 from ._tiles import MatVec
 
 __all__ = ["ArrayBackend", "cpu_backend", "cpu_matvec", "gpu_backend"]
@@ -46,6 +47,9 @@ class ArrayBackend:
         Whether searches run the fixed-shape driver (:func:`~iqdb.kernels._fixed.fixed_topk`:
         two host syncs per query block; for a GPU) rather than the adaptive one (fewer
         operations, but a data-dependent size, i.e. a sync on a GPU, at every step; for a CPU).
+    profile
+        The tuning constants searches on this backend run with (tile and block sizes, layout
+        and split thresholds): :data:`~iqdb.kernels.CPU_PROFILE` unless given.
     """
 
     name: str
@@ -54,6 +58,7 @@ class ArrayBackend:
     matvec: MatVec | None = field(default=None, compare=False, repr=False)
     device_index: int | None = None
     fixed_shape: bool = False
+    profile: Profile = field(default=CPU_PROFILE, compare=False)
 
     @property
     def parallel(self) -> Parallel:
@@ -67,18 +72,19 @@ class ArrayBackend:
         return self.xp.cuda.Device(self.device_index)  # type: ignore[no-any-return]
 
     def tile_bytes(self, working_set: int) -> int:
-        """Bytes of score tiles a search may hold: the caller's working set on the CPU; on a GPU
-        at least that and up to an eighth of the device's free memory (at most 1 GiB), so that a
-        search runs few, large tiles (each tile costs kernel launches, not host syncs)."""
-        if self.device_index is None:
+        """Bytes of score tiles a search may hold, by the profile's rule
+        (:meth:`~iqdb.kernels.Profile.tile_bytes`) with this device's free memory: the caller's
+        working set on the CPU; on a GPU at least that and up to a share of the free memory, so
+        that a search runs few, large tiles (each tile costs kernel launches, not host syncs)."""
+        if self.device_index is None or self.profile.free_memory_divisor is None:
             return working_set
         runtime = getattr(getattr(self.xp, "cuda", None), "runtime", None)
         mem_get_info = getattr(runtime, "memGetInfo", None)
         if mem_get_info is None:  # the CPU stand-in of the tests
-            return working_set
+            return self.profile.tile_bytes(working_set, None)
         with self.device():
             free, _total = mem_get_info()
-        return max(working_set, min(int(free) // 8, 1 << 30))
+        return self.profile.tile_bytes(working_set, int(free))
 
     def asarray(self, host: np.ndarray[Any, Any]) -> Any:
         """Move a host array to this backend's device (no copy on the CPU)."""
@@ -147,7 +153,7 @@ def cpu_matvec(A: np.ndarray[Any, Any], v: np.ndarray[Any, Any], out: np.ndarray
 
 def cpu_backend() -> ArrayBackend:
     """The NumPy backend."""
-    return ArrayBackend("cpu", np, cpu_parallel, cpu_matvec)
+    return ArrayBackend("cpu", np, cpu_parallel, cpu_matvec, profile=CPU_PROFILE)
 
 
 def _tf32_requested(value: str) -> bool:
@@ -209,4 +215,6 @@ def gpu_backend(index: int) -> ArrayBackend:
     if _tf32_requested(tf32):
         _force_fp32(cupy)
         _warn_tf32(tf32)
-    return ArrayBackend(f"cuda:{index}", cupy, lambda: SERIAL, None, device_index=index, fixed_shape=True)
+    return ArrayBackend(
+        f"cuda:{index}", cupy, lambda: SERIAL, None, device_index=index, fixed_shape=True, profile=GPU_PROFILE
+    )

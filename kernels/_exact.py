@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ._profile import DEFAULT_WORKING_SET
 from ._tiles import (
-    DEFAULT_WORKING_SET,
     Array,
     MatVec,
     _Candidates,
@@ -80,9 +80,6 @@ def canonical_sum(xp: Any, terms: Array) -> Array:
     return terms[0] + 0.0
 
 
-_FINALIZE_BYTES = 2 << 20  # float64 candidate vectors re-scored at once (per worker)
-
-
 def _order(xp: Any, scores: Array, row_ids: Array) -> Array:
     """Per-row order by (score, id), NaN scores last (by id among themselves): the contract's
     result order.
@@ -102,7 +99,14 @@ def _order(xp: Any, scores: Array, row_ids: Array) -> Array:
 
 
 def _finalize(
-    xp: Any, cand: _Candidates, ids: Array, Q64: Array, rows_in: Array, metric: str, count: int
+    xp: Any,
+    cand: _Candidates,
+    ids: Array,
+    Q64: Array,
+    rows_in: Array,
+    metric: str,
+    count: int,
+    finalize_bytes: int,
 ) -> tuple[Array, Array]:
     """Exact scores for the kept candidates, then order by (score, id), NaN last, and cut.
 
@@ -111,10 +115,10 @@ def _finalize(
     """
     valid = rows_in >= 0
     safe_rows = xp.where(valid, rows_in, 0)
-    # Gathered in pieces of at most _FINALIZE_BYTES as float64 (so memory stays bounded for any
+    # Gathered in pieces of at most ``finalize_bytes`` as float64 (so memory stays bounded for any
     # k); `take` gathers rows about 1.8x faster than fancy indexing (measured, 1,008 rows).
     d = int(cand.X.shape[1])
-    width = max(1, _FINALIZE_BYTES // (8 * d * int(Q64.shape[0])))
+    width = max(1, finalize_bytes // (8 * d * int(Q64.shape[0])))
     exact = xp.empty(safe_rows.shape, dtype=xp.float64)
     for j0 in range(0, int(safe_rows.shape[1]), width):
         A = xp.take(cand.X, safe_rows[:, j0 : j0 + width], axis=0)

@@ -31,18 +31,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._exact import _FINALIZE_BYTES, exact_scores, fill_nan_rows, rescan_rows
-from ._flat import _MARGIN, SearchOutput, _coarse_query, flat_topk, wide_norms
+from ._exact import exact_scores, fill_nan_rows, rescan_rows
+from ._flat import SearchOutput, _coarse_query, flat_topk, wide_norms
 from ._parallel import SERIAL, Parallel
+from ._profile import CPU_PROFILE, Profile
 from ._select import select_k
-from ._tiles import DEFAULT_WORKING_SET, MatVec, _Candidates, _on_host, _rows_take, _Tiler, search_candidates
+from ._tiles import MatVec, _Candidates, _on_host, _rows_take, _Tiler, search_candidates
 
 __all__ = ["fixed_topk"]
 
 Array = Any
-
-_MAX_BLOCK = 1024  # queries per block
-_MIN_TILE = 1024  # rows per tile at least, whatever the working set
 
 
 def fixed_topk(
@@ -59,17 +57,21 @@ def fixed_topk(
     norms32: Array | None = None,
     inv_norms32: Array | None = None,
     norm_bounds: tuple[float, float] | None = None,
-    working_set: int = DEFAULT_WORKING_SET,
+    working_set: int | None = None,
     parallel: Parallel = SERIAL,
     matvec: MatVec | None = None,
+    profile: Profile = CPU_PROFILE,
 ) -> SearchOutput:
     """:func:`~iqdb.kernels.flat_topk`'s contract, arguments and answer, with fixed shapes.
 
     ``parallel`` is ignored (the device is the parallelism); ``norm_bounds`` may bound a superset
     of the rows (the store's bounds with ``rows=``): they decide only whether float32 is safe and
-    how wide the rounding margin is.
+    how wide the rounding margin is. A GPU backend passes its ``profile`` (big tiles, blocks of
+    1,024 queries); the default is the CPU's, like :func:`~iqdb.kernels.flat_topk`'s.
     """
     m = int(Q.shape[0])
+    if working_set is None:
+        working_set = profile.working_set
     cand = search_candidates(xp, X, norms_sq, metric, rows, dead, norms32, inv_norms32)
     count = min(k, cand.n_live)
     out_rows = xp.empty((m, count), dtype=xp.int64)
@@ -80,14 +82,14 @@ def fixed_topk(
         lo_hi = xp.stack([xp.min(xp.where(cand.norms > 0, cand.norms, xp.inf)), xp.max(cand.norms)])
         lo, hi = (float(v) for v in _on_host(xp, lo_hi).tolist())  # type: ignore[union-attr]
         norm_bounds = (lo, hi) if hi > 0 else (1.0, 0.0)
-    block = -(-m // -(-m // _MAX_BLOCK))
+    block = -(-m // -(-m // profile.max_block))
     for q0 in range(0, m, block):
         Qb = Q[q0 : q0 + block]
-        r, s = _block(xp, cand, ids, Qb, k, count, metric, norm_bounds, working_set, matvec)
+        r, s = _block(xp, cand, ids, Qb, k, count, metric, norm_bounds, working_set, matvec, profile)
         if r is None:  # extreme norms: float64 coarse scores, which select_k does not take
             fb = flat_topk(
                 xp, X, norms_sq, ids, Qb, k, metric, rows, dead=dead, norms32=norms32,
-                inv_norms32=inv_norms32, norm_bounds=norm_bounds, working_set=working_set,
+                inv_norms32=inv_norms32, norm_bounds=norm_bounds, working_set=working_set, profile=profile,
             )  # fmt: skip
             r, s = fb.rows, fb.scores
         out_rows[q0 : q0 + block] = r
@@ -106,6 +108,7 @@ def _block(
     norm_bounds: tuple[float, float],
     working_set: int,
     matvec: MatVec | None,
+    profile: Profile,
 ) -> tuple[Array | None, Array | None]:
     mb, d, n = int(Qb.shape[0]), int(Qb.shape[1]), cand.n
     Q64 = Qb.astype(xp.float64)
@@ -117,8 +120,8 @@ def _block(
         return None, None
     cdtype = xp.float32
     Qc, tol = _coarse_query(xp, Q64, q_norm_sq, metric, cdtype, norm_bounds[1], d, wide=False)
-    c = min(n, k + _MARGIN)
-    tile = max(_MIN_TILE, working_set // (4 * mb) // 32 * 32)
+    c = min(n, k + profile.margin)
+    tile = max(profile.min_tile_rows, working_set // (4 * mb) // 32 * 32)
     tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, n), transposed=False, matvec=matvec)
     best_s = xp.full((mb, c), xp.nan, dtype=cdtype)
     best_r = xp.full((mb, c), -1, dtype=xp.int64)
@@ -143,7 +146,7 @@ def _block(
     valid = (best_r >= 0) & ~xp.isnan(best_s)
     x_rows = cand.row_index(0, xp.where(valid, best_r, 0), xp)
     exact = xp.empty((mb, c), dtype=xp.float64)
-    width = max(1, _FINALIZE_BYTES // (8 * d * mb))
+    width = max(1, profile.finalize_bytes // (8 * d * mb))
     for j0 in range(0, c, width):
         A = xp.take(cand.X, x_rows[:, j0 : j0 + width], axis=0)
         exact[:, j0 : j0 + width] = exact_scores(xp, metric, A, Q64[:, None, :])

@@ -39,24 +39,20 @@ from typing import Any
 import numpy as np
 
 from ._exact import (
-    _FINALIZE_BYTES,
     _finalize,
     canonical_sum,
     exact_scores,
     rescan_rows,
 )
 from ._parallel import SERIAL, Parallel
+from ._profile import CPU_PROFILE, DEFAULT_WORKING_SET, Profile
 from ._selection import (
-    _LAZY,
-    _SAMPLE_MIN_C,
     _sample_bound,
     _seed_bound,
     _select_one,
     _Selection,
 )
 from ._tiles import (
-    _CHUNK,
-    DEFAULT_WORKING_SET,
     Array,
     MatVec,
     _Candidates,
@@ -74,7 +70,6 @@ _U = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 # no subnormal products (whose absolute error the relative bound `tol` would not cover), and
 # 1/|x| fits float32. Otherwise they are computed in float64.
 _SAFE_NORM_SQ = (1e-30, 1e36)
-_MARGIN = 8  # extra candidates kept per query beyond k
 
 
 @dataclass(frozen=True)
@@ -100,9 +95,10 @@ def flat_topk(
     norms32: Array | None = None,
     inv_norms32: Array | None = None,
     norm_bounds: tuple[float, float] | None = None,
-    working_set: int = DEFAULT_WORKING_SET,
+    working_set: int | None = None,
     parallel: Parallel = SERIAL,
     matvec: MatVec | None = None,
+    profile: Profile = CPU_PROFILE,
 ) -> SearchOutput:
     """Exact top-``k`` of every query in ``Q`` over the rows of ``X``.
 
@@ -134,12 +130,16 @@ def flat_topk(
         Optional ``(lower, upper)`` bounds on the nonzero squared norms (computed when absent).
     working_set
         Bytes of score tiles per query block (all workers together): extra memory stays
-        bounded for any ``m`` and ``n``.
+        bounded for any ``m`` and ``n``. ``None``: the profile's
+        (:data:`DEFAULT_WORKING_SET` on the CPU).
     parallel
         Runs the workers that split the stored rows among them (one after another by default).
     matvec
         ``matvec(A, v, out)`` writes ``A @ v`` (float32 or float64) into ``out``: how a single
         query streams its rows (``xp.matmul`` by default; a backend may pass a faster one).
+    profile
+        The tuning constants (tile and block sizes, layout and split thresholds): they move time
+        and memory, never the answer.
 
     Returns
     -------
@@ -147,6 +147,8 @@ def flat_topk(
         ``count = min(k, candidates)`` results per query, best first, as row indices into ``X``.
     """
     m = int(Q.shape[0])
+    if working_set is None:
+        working_set = profile.working_set
     cand = search_candidates(xp, X, norms_sq, metric, rows, dead, norms32, inv_norms32)
     n_cand = cand.n
     count = min(k, cand.n_live)
@@ -157,33 +159,27 @@ def flat_topk(
     if norm_bounds is None or rows is not None:
         positive = cand.norms[cand.norms > 0]
         norm_bounds = (float(xp.min(positive)), float(xp.max(positive))) if positive.shape[0] else (1.0, 0.0)
-    # Queries per block: all of them up to _MAX_BLOCK (the product's efficiency grows with the
-    # block), with tiles of at least 1,024 rows within the working set. When each tile is merged
-    # into the running selection (small c), a tile should hold several times the c = k + margin
-    # candidates each query keeps, or merging would cost more than the product; with sampled
-    # bounds, the selection buffers ((1 + _LAZY) c slots of 12 bytes per query) stay within it.
+    # Queries per block: all of them up to the profile's max_block (the product's efficiency
+    # grows with the block), with tiles of at least min_tile_rows within the working set. When
+    # each tile is merged into the running selection (small c), a tile should hold several times
+    # the c = k + margin candidates each query keeps, or merging would cost more than the
+    # product; with sampled bounds, the selection buffers ((1 + lazy) c slots of 12 bytes per
+    # query) stay within it.
+    p = profile
     per_worker = working_set // max(1, parallel.workers)
-    c = min(n_cand, k + _MARGIN)
-    if c >= _SAMPLE_MIN_C:
-        per_query = max(4 * 1024, 12 * (1 + _LAZY) * c)
+    c = min(n_cand, k + p.margin)
+    if c >= p.sample_min_c:
+        per_query = max(4 * p.min_tile_rows, 12 * (1 + p.lazy) * c)
     else:
-        per_query = 4 * max(1024, _TILE_PER_CANDIDATE * c)
-    block = _even_block(m, max(1, min(_MAX_BLOCK, per_worker // per_query)))
+        per_query = 4 * max(p.min_tile_rows, p.tile_per_candidate * c)
+    block = _even_block(m, max(1, min(p.max_block, per_worker // per_query)))
     for q0 in range(0, m, block):
         r, s = _search_block(
-            xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set, parallel, matvec
+            xp, cand, ids, Q[q0 : q0 + block], k, count, metric, norm_bounds, working_set, parallel, matvec, p
         )
         out_rows[q0 : q0 + block] = r
         out_scores[q0 : q0 + block] = s
     return SearchOutput(out_rows, out_scores, count)
-
-
-# At most 1,000 queries per block, not 1,024: blocks of (or just under) a power of two run
-# slower, their transposed score tiles' rows sitting about 2^k floats apart in the caches
-# (1,000,000 x 128, k = 10, ms per query: 1,024 -> 1.67, 1,023 -> 1.67, 1,020 -> 1.52,
-# 1,000 -> 1.50; 512 -> 1.57 against 500 -> 1.50).
-_MAX_BLOCK = 1000
-_TILE_PER_CANDIDATE = 8  # rows of a tile per candidate kept, merging every tile (so k = 50 -> 464)
 
 
 def _even_block(m: int, most: int) -> int:
@@ -204,6 +200,7 @@ def _search_block(
     working_set: int,
     parallel: Parallel,
     matvec: MatVec | None,
+    profile: Profile,
 ) -> tuple[Array, Array]:
     mb, d = int(Qb.shape[0]), int(Qb.shape[1])
     n = cand.n
@@ -216,18 +213,22 @@ def _search_block(
         wide = wide_norms(norm_bounds, math.inf, 0.0)
     cdtype = xp.float64 if wide else xp.float32
     Qc, tol = _coarse_query(xp, Q64, q_norm_sq, metric, cdtype, norm_bounds[1], d, wide)
-    c = min(n, k + _MARGIN)
+    c = min(n, k + profile.margin)
     # For large c, a strided sample sets each query's admission bound up front, so a scan
     # admits about 2c scores per query and merges them once, instead of merging every tile.
     # The bound is an estimate: a query that admits fewer than c rows is scanned again the
     # exact way (a running bound, seeded by the first tile).
-    theta = _sample_bound(xp, cand, Qc, metric, cdtype, c, working_set, parallel)
-    best_s, best_r = _coarse_best(xp, cand, Qc, metric, cdtype, c, working_set, parallel, theta, matvec)
-    workers = _workers(parallel.workers, mb, n, d)
+    theta = _sample_bound(xp, cand, Qc, metric, cdtype, c, working_set, parallel, profile)
+    best_s, best_r = _coarse_best(
+        xp, cand, Qc, metric, cdtype, c, working_set, parallel, theta, matvec, profile
+    )
+    workers = _workers(parallel.workers, mb, n, d, profile)
     if theta is not None:
         short = xp.flatnonzero(xp.isinf(xp.max(best_s, axis=1)) & ~xp.isinf(theta))
         if short.shape[0]:
-            s2, r2 = _coarse_best(xp, cand, Qc[short], metric, cdtype, c, working_set, parallel, None, matvec)
+            s2, r2 = _coarse_best(
+                xp, cand, Qc[short], metric, cdtype, c, working_set, parallel, None, matvec, profile
+            )
             best_s[short] = s2
             best_r[short] = r2
     # The k-th best coarse score and the worst kept one: the margin between them decides
@@ -243,12 +244,12 @@ def _search_block(
     # Exact re-scoring gathers c rows per query in float64: in chunks of queries small enough
     # for the temporaries to stay in cache (which also bounds them for any k), split among
     # the workers.
-    step = max(1, _FINALIZE_BYTES // (8 * c * d))
+    step = max(1, profile.finalize_bytes // (8 * c * d))
     chunks = [ok[i0 : i0 + step] for i0 in range(0, int(ok.shape[0]), step)]
 
     def finish(w: int) -> None:
         for sel in chunks[w::workers]:
-            r, s = _finalize(xp, cand, ids, Q64[sel], best_r[sel], metric, count)
+            r, s = _finalize(xp, cand, ids, Q64[sel], best_r[sel], metric, count, profile.finalize_bytes)
             rows_out[sel] = r
             scores_out[sel] = s
 
@@ -315,7 +316,8 @@ def _coarse_best(
     working_set: int,
     parallel: Parallel,
     theta: Array | None,
-    matvec: MatVec | None = None,
+    matvec: MatVec | None,
+    profile: Profile,
 ) -> tuple[Array, Array]:
     """Each query's ``c`` best coarse scores and their rows, ``(m, c)`` each: ``+inf`` with row
     -1 where fewer than ``c`` scores were admitted.
@@ -326,37 +328,39 @@ def _coarse_best(
     """
     mb, d = int(Qc.shape[0]), int(Qc.shape[1])
     n = cand.n
-    workers = _workers(parallel.workers, mb, n, d)
+    workers = _workers(parallel.workers, mb, n, d, profile)
     # Each worker scans a contiguous share of the rows with its own score tile and its own c
     # best; a tile is a whole number of the runs `_tile_hits` takes minima over. Float64
     # scores (rows of extreme norms) widen each tile's rows too, so their tiles also keep the
     # widened rows within the working set.
     whole = mb == 1 and cdtype == xp.float32
+    ch = profile.chunk
     if whole:
         tile = -(-n // workers)
     else:
-        tile = max(16 * _CHUNK, working_set // (4 * mb * workers) // _CHUNK * _CHUNK)
+        # At least min_tile_rows, rounded up to whole runs.
+        tile = max(-(-profile.min_tile_rows // ch) * ch, working_set // (4 * mb * workers) // ch * ch)
         if cdtype != xp.float32:
-            tile = min(tile, max(_CHUNK, working_set // (8 * (d + 1) * workers) // _CHUNK * _CHUNK))
+            tile = min(tile, max(ch, working_set // (8 * (d + 1) * workers) // ch * ch))
     bounds = [n * w // workers for w in range(workers + 1)]
-    # Sampled bounds admit about 2c scores per query: they wait in a buffer (c x _LAZY slots
+    # Sampled bounds admit about 2c scores per query: they wait in a buffer (c x lazy slots
     # per query) and are merged once it fills, usually once per scan. A bound seeded by a
     # prefix is looser at first, so those scans merge after every tile and tighten it.
-    spare = _LAZY * c if theta is not None else 0
+    spare = profile.lazy * c if theta is not None else 0
 
     def scan(w: int) -> tuple[Array, Array]:
         lo, hi = bounds[w], bounds[w + 1]
-        tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo), matvec=matvec)
+        tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, hi - lo), matvec=matvec, profile=profile)
         if whole:
-            return _select_one(xp, cand, tiler.scores(lo, hi)[0], lo, c)
+            return _select_one(xp, cand, tiler.scores(lo, hi)[0], lo, c, ch)
         sel = _Selection(xp, cand, mb, c, cdtype, spare)
         thr = xp.full(mb, xp.inf, dtype=cdtype) if theta is None else theta.astype(cdtype)
         for t0 in range(lo, hi, tile):
             S = tiler.scores(t0, min(t0 + tile, hi))
             rows_axis = 0 if tiler.transposed else 1
             if t0 == lo and theta is None and S.shape[rows_axis] >= c:
-                thr = _seed_bound(xp, S, c, rows_axis, cand.may_nan)
-            qi, row, vals = _tile_hits(xp, S, thr, tiler.transposed)
+                thr = _seed_bound(xp, S, c, rows_axis, ch, cand.may_nan)
+            qi, row, vals = _tile_hits(xp, S, thr, tiler.transposed, ch)
             if theta is None:
                 sel.merge(qi, t0 + row, vals)
                 merged = qi.shape[0] > 0

@@ -54,6 +54,10 @@ PAD_VALUE_BITS = 0x7FC00000
 
 # Threads per block: the kernel's kThreads (its __launch_bounds__); change both together.
 _THREADS = 256
+# _MIN_CHUNK and _SORT_KEYS below are tuning, not contract (they move no answer), yet they stay
+# here rather than in a backend's Profile (kernels/_profile.py): they size this kernel's own launches
+# and its sort path's memory, only CuPy ever runs them, and the twin ignores them.
+
 # Columns one block reads at least. Each pass shrinks a row's width at least 8-fold (a chunk is at
 # least 8 * KC columns, and it leaves k <= KC candidates): one query over 1M columns on 132 SMs
 # takes two launches for k = 10, four for k = 1,000; 512 queries over 262,144 columns, two.

@@ -15,9 +15,8 @@ import math
 from typing import Any
 
 from ._parallel import Parallel
+from ._profile import Profile
 from ._tiles import (
-    _CHUNK,
-    _MIN_WORK,
     Array,
     _Candidates,
     _nan_to_inf,
@@ -26,11 +25,6 @@ from ._tiles import (
 )
 
 __all__: list[str] = []
-
-
-_LAZY = 1  # admitted scores per candidate kept that may wait for a merge (sampled bounds)
-_SAMPLE_MIN_C = 64  # candidates kept per query from which the bound is sampled
-_SAMPLE_STRIDE = 16  # at most every 16th row is sampled (the sample costs 1/16 of a scan)
 
 
 def _kth_run_min(xp: Any, S: Array, kth: int, g: int, rows_axis: int, nan: bool = True) -> Array:
@@ -58,11 +52,12 @@ def _kth_run_min(xp: Any, S: Array, kth: int, g: int, rows_axis: int, nan: bool 
     return xp.take(xp.partition(S, kth - 1, axis=rows_axis), kth - 1, axis=rows_axis)
 
 
-def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int, nan: bool = True) -> Array:
+def _seed_bound(xp: Any, S: Array, c: int, rows_axis: int, chunk: int, nan: bool = True) -> Array:
     """Each query's first admission bound from its first tile ``S`` (or a single query's
     scores): an upper bound of its final ``c``-th best, so nothing that belongs in the top ``c``
-    is ever filtered out. Runs of up to 64 rows, at least 8 ``c`` of them."""
-    return _kth_run_min(xp, S, c, max(1, min(_CHUNK, int(S.shape[rows_axis]) // (8 * c))), rows_axis, nan)
+    is ever filtered out. Runs of up to ``chunk`` rows, at least 8 ``c`` of them."""
+    g = max(1, min(chunk, int(S.shape[rows_axis]) // (8 * c)))
+    return _kth_run_min(xp, S, c, g, rows_axis, nan)
 
 
 def _sample_bound(
@@ -74,6 +69,7 @@ def _sample_bound(
     c: int,
     working_set: int,
     parallel: Parallel,
+    profile: Profile,
 ) -> Array | None:
     """Per-query admission bounds that about ``1.5c``-``3c`` rows meet, from a strided sample.
 
@@ -85,9 +81,9 @@ def _sample_bound(
     unlucky or adversarial order costs time, never a result. ``None`` when not worth it.
     """
     mb, n, d = int(Qc.shape[0]), cand.n, int(Qc.shape[1])
-    if mb == 1 or c < _SAMPLE_MIN_C:
+    if mb == 1 or c < profile.sample_min_c:
         return None
-    s = min(n // _SAMPLE_STRIDE, working_set // (4 * mb))
+    s = min(n // profile.sample_stride, working_set // (4 * mb))
     lam = c * s / n
     r = math.ceil(lam + 3 * math.sqrt(lam) + 2)
     if 4 * r > s:
@@ -99,7 +95,7 @@ def _sample_bound(
         xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32, sub.dead, sub.dead_host
     )
     out = xp.empty(mb, dtype=cdtype)
-    workers = min(parallel.workers, mb) if mb * s * d >= _MIN_WORK else 1
+    workers = min(parallel.workers, mb) if mb * s * d >= profile.min_work else 1
     cuts = [mb * w // workers for w in range(workers + 1)]
 
     # The r-th smallest minimum of runs of g sampled scores, g small enough that a run rarely
@@ -118,13 +114,13 @@ def _sample_bound(
     return out
 
 
-def _select_one(xp: Any, cand: _Candidates, s: Array, lo: int, c: int) -> tuple[Array, Array]:
+def _select_one(xp: Any, cand: _Candidates, s: Array, lo: int, c: int, chunk: int) -> tuple[Array, Array]:
     """The ``c`` best of one query's coarse scores ``s`` (candidates ``lo...``) as ``(1, c)``.
 
     The fast path of one query: the same admission bound as a tiled scan's first tile, then one
     comparison over all scores and a partition of the few that pass.
     """
-    thr = _seed_bound(xp, s, c, 0, cand.may_nan) if s.shape[0] >= c else xp.inf
+    thr = _seed_bound(xp, s, c, 0, chunk, cand.may_nan) if s.shape[0] >= c else xp.inf
     hits = xp.flatnonzero(s <= thr)  # NaN never passes: those rows are ranked apart
     vals = s[hits]
     if hits.shape[0] > c:

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from ._profile import CPU_PROFILE, DEFAULT_WORKING_SET, Profile
+
 __all__ = ["DEFAULT_WORKING_SET", "MatVec"]
 
 
 Array = Any  # an xp.ndarray
 MatVec = Callable[[Array, Array, Array], None]  # matvec(A, v, out): out[:] = A @ v
-DEFAULT_WORKING_SET = 16 << 20  # bytes of score tiles a search holds at once
 
 
 @dataclass(frozen=True)
@@ -98,19 +99,13 @@ class _Candidates:
         )
 
 
-# Rows per worker below which splitting the scan costs more (thread hand-off, a second
-# selection) than it saves, and the multiply-adds a search must have before it is split. One
-# query's split (measured with the CPU backend's einsum stream, ms whole against split): 0.75
-# against 0.85 at 30,000 x 128, 2.68 against 1.95 at 100,000, 4.82 against 3.54 at 200,000.
-_MIN_ROWS_PER_WORKER = 4096
-_MIN_WORK = 1 << 22
-_MIN_WORK_ONE_QUERY = 1 << 22
-
-
-def _workers(available: int, mb: int, n: int, d: int) -> int:
-    if available <= 1 or mb * n * d < (_MIN_WORK_ONE_QUERY if mb == 1 else _MIN_WORK):
+def _workers(available: int, mb: int, n: int, d: int, profile: Profile) -> int:
+    """Workers a scan of ``n`` rows by ``mb`` queries splits among (the profile's floors keep
+    small scans whole)."""
+    floor = profile.min_work_one_query if mb == 1 else profile.min_work
+    if available <= 1 or mb * n * d < floor:
         return 1
-    return max(1, min(available, n // _MIN_ROWS_PER_WORKER))
+    return max(1, min(available, n // profile.min_rows_per_worker))
 
 
 def _nan_to_inf(xp: Any, a: Array) -> Array:
@@ -123,9 +118,6 @@ def _on_host(xp: Any, a: Array | None) -> np.ndarray[Any, Any] | None:
         return None
     host: np.ndarray[Any, Any] = a if xp is np else a.get()
     return host
-
-
-_AUGMENT_MIN = 256  # queries per block from which a per-tile copy of X beats a pass over S
 
 
 def search_candidates(
@@ -166,6 +158,9 @@ class _Tiler:
     than preparing the ``(tile, d)`` operand, so the tile is copied once with the norm appended
     as an extra column (L2: ``[x, |x|^2] . [-2q, 1]``) or scaled by ``1/|x|`` (COSINE), and the
     product alone yields the coarse scores.
+
+    Which layout a block gets, when ``transposed`` is ``None``, and whether it is augmented are
+    the ``profile``'s (:attr:`~Profile.transpose_min`, :attr:`~Profile.augment_min`).
     """
 
     def __init__(
@@ -178,14 +173,15 @@ class _Tiler:
         tile: int,
         transposed: bool | None = None,
         matvec: MatVec | None = None,
+        profile: Profile = CPU_PROFILE,
     ) -> None:
         self.xp, self.cand, self.metric, self.cdtype = xp, cand, metric, cdtype
         self.matvec = matvec
         mb = Qc.shape[0]
         width = min(tile, cand.n)
-        self.transposed = mb >= _TRANSPOSE_MIN if transposed is None else transposed
+        self.transposed = mb >= profile.transpose_min if transposed is None else transposed
         self.scratch = xp.empty(width * mb, dtype=cdtype)
-        self.augment = self.transposed and mb >= _AUGMENT_MIN and metric != "dot"
+        self.augment = self.transposed and mb >= profile.augment_min and metric != "dot"
         self.Qc = Qc
         if self.augment and metric == "l2":
             self.Qc = xp.concatenate([Qc, xp.ones((mb, 1), dtype=cdtype)], axis=1)
@@ -262,10 +258,11 @@ class _Tiler:
         return S
 
 
-def _tile_hits(xp: Any, S: Array, thr: Array, transposed: bool) -> tuple[Array, Array, Array]:
+def _tile_hits(xp: Any, S: Array, thr: Array, transposed: bool, chunk: int) -> tuple[Array, Array, Array]:
     """The scores of a tile at or below their query's bound ``thr``: ``(query, row in the tile,
-    score)`` arrays, grouped by query (queries ascending)."""
-    return _transposed_hits(xp, S, thr) if transposed else _row_hits(xp, S, thr)
+    score)`` arrays, grouped by query (queries ascending); ``chunk``: the runs of a transposed
+    tile (:func:`_transposed_hits`)."""
+    return _transposed_hits(xp, S, thr, chunk) if transposed else _row_hits(xp, S, thr)
 
 
 def _row_hits(xp: Any, S: Array, thr: Array) -> tuple[Array, Array, Array]:
@@ -291,21 +288,17 @@ def _row_hits(xp: Any, S: Array, thr: Array) -> tuple[Array, Array, Array]:
     return qi, hits % width_tile, sub.reshape(-1)[hits]
 
 
-_TRANSPOSE_MIN = 32  # queries per block from which score tiles are laid out (rows, queries)
-_CHUNK = 64  # rows per run whose minimum decides whether the run is compared at all
-
-
-def _transposed_hits(xp: Any, S: Array, thr: Array) -> tuple[Array, Array, Array]:
+def _transposed_hits(xp: Any, S: Array, thr: Array, chunk: int) -> tuple[Array, Array, Array]:
     """:func:`_tile_hits` for a transposed tile ``S`` (rows, queries).
 
     Once the bounds are tight, most of a tile lies above every query's bound. Minima over runs
-    of :data:`_CHUNK` rows (one streaming reduction) find the (run, query) pairs holding a
+    of ``chunk`` rows (one streaming reduction) find the (run, query) pairs holding a
     score at or below the query's bound, and only those are compared element by element, so
     the tile is read about once. The hits are gathered through flat indices (NumPy's 2-D
     ``nonzero`` is an order of magnitude slower than ``flatnonzero``).
     """
     width_tile, mb = S.shape
-    ch = _CHUNK if width_tile % _CHUNK == 0 else width_tile
+    ch = chunk if width_tile % chunk == 0 else width_tile
     nch = width_tile // ch
     runs = S.reshape(nch, ch, mb)
     run_min = xp.min(runs, axis=1)

@@ -324,6 +324,9 @@ def test_the_gpu_backend_allocates_under_its_own_device(
     arr = backend.asarray(np.ones(3, dtype=np.float32))
     assert fake_module().asarray_devices == [1]
     assert backend.to_host(arr) is arr  # the stand-in's arrays are NumPy's
+    # It searches with the GPU's tuning (big tiles), the CPU backend with the CPU's.
+    assert backend.profile is iqdb.kernels.GPU_PROFILE
+    assert iqdb.kernels.cpu_backend().profile is iqdb.kernels.CPU_PROFILE
 
 
 def test_cupy_tf32_in_the_environment_is_overridden_and_warned_about_once(
@@ -427,6 +430,7 @@ def test_db_device_is_cpu_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> No
 def test_array_backend_stays_positional_compatible() -> None:
     backend = ArrayBackend("cpu", np)
     assert backend.device_index is None
+    assert backend.profile is iqdb.kernels.CPU_PROFILE
     assert backend.asarray(np.zeros(2)).dtype == np.float64
 
 
@@ -447,8 +451,12 @@ def test_gpu_score_tiles_grow_with_free_device_memory() -> None:
     free = [0]
     runtime = types.SimpleNamespace(memGetInfo=lambda: (free[0], 80 << 30))
     fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=device))
-    be = ArrayBackend("cuda:1", fake, device_index=1, fixed_shape=True)
+    be = ArrayBackend("cuda:1", fake, device_index=1, fixed_shape=True, profile=iqdb.kernels.GPU_PROFILE)
     for free[0], want in ((40 << 30, 1 << 30), (800 << 20, 100 << 20), (8 << 20, 16 << 20)):
         assert be.tile_bytes(16 << 20) == want
     assert entered == [1, 1, 1]
     assert iqdb.kernels.cpu_backend().tile_bytes(16 << 20) == 16 << 20
+    # A device backend with the CPU's profile (the field's default) keeps the working set, and
+    # never asks the device.
+    assert ArrayBackend("cuda:1", fake, device_index=1).tile_bytes(16 << 20) == 16 << 20
+    assert entered == [1, 1, 1]

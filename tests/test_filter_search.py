@@ -17,7 +17,7 @@ runner that claims three workers (with the split floors lowered).
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +31,6 @@ from _reference import brute_force
 
 import iqdb
 import iqdb._search
-import iqdb.kernels._flat  # loads the kernel modules whose split floors split_scans lowers
 from iqdb import NO_ID, Field, Filter, InvalidArgument, Iqdb
 from iqdb._wal import decode_header, scan
 from iqdb.kernels._parallel import Parallel
@@ -311,21 +310,15 @@ class _Inline(Parallel):
 @pytest.fixture
 def split_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every search splits its rows among three (inline) workers; returns the log of splits."""
-    # The floors that keep small scans whole, in whichever kernel modules hold (or import) them.
-    floors = {"_MIN_WORK": 0, "_MIN_WORK_ONE_QUERY": 0, "_MIN_ROWS_PER_WORKER": 1}
-    patched = set()
-    for name, module in list(sys.modules.items()):
-        if name.startswith("iqdb.kernels") and module is not None:
-            for attr, value in floors.items():
-                if hasattr(module, attr):
-                    monkeypatch.setattr(module, attr, value)
-                    patched.add(attr)
-    assert patched == set(floors), f"split floors not found in iqdb.kernels: {set(floors) - patched}"
     log: list[int] = []
     real = iqdb._search.flat_topk
 
     def forced(*args: Any, **kw: Any) -> Any:
         kw["parallel"] = _Inline(log)
+        # The floors that keep small scans whole, lowered in the profile the search runs with.
+        kw["profile"] = dataclasses.replace(
+            kw["profile"], min_work=0, min_work_one_query=0, min_rows_per_worker=1
+        )
         return real(*args, **kw)
 
     monkeypatch.setattr(iqdb._search, "flat_topk", forced)

@@ -15,6 +15,7 @@ order, so there ids and score bits must be equal.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest
 from _reference import Expected, brute_force
 
 from iqdb._store import row_norms_sq
-from iqdb.kernels import _backend, _exact, _flat, _selection, _tiles, cpu_backend, flat_topk
+from iqdb.kernels import CPU_PROFILE, _backend, _exact, _flat, _selection, _tiles, cpu_backend, flat_topk
 from iqdb.kernels._parallel import Parallel, ThreadedCpu, _BlasLimit
 
 METRICS = ["l2", "cosine", "dot"]
@@ -131,22 +132,24 @@ class InlineWorkers(Parallel):
         self.workers = workers
 
 
-def lower_split_floors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let tiny test data split among workers (the real floors keep small scans whole)."""
-    monkeypatch.setattr(_tiles, "_MIN_WORK", 0)
-    monkeypatch.setattr(_tiles, "_MIN_WORK_ONE_QUERY", 0)
-    monkeypatch.setattr(_tiles, "_MIN_ROWS_PER_WORKER", 1)
-    monkeypatch.setattr(_selection, "_MIN_WORK", 0)  # the sampled bound's own split
+# The CPU profile with the split floors lowered: tiny test data splits among workers (the real
+# floors keep small scans whole), the sampled bounds' own split included.
+SPLIT = dataclasses.replace(CPU_PROFILE, min_work=0, min_work_one_query=0, min_rows_per_worker=1)
 
 
-@pytest.fixture
-def split_small_scans(monkeypatch: pytest.MonkeyPatch) -> None:
-    lower_split_floors(monkeypatch)
-
-
-def run_split(X, ids, Q, k, metric, parallel, rows=None, working_set=16 << 20):
+def run_split(X, ids, Q, k, metric, parallel, rows=None, working_set=16 << 20, profile=SPLIT):
     out = flat_topk(
-        np, X, row_norms_sq(np, X), ids, Q, k, metric, rows, working_set=working_set, parallel=parallel
+        np,
+        X,
+        row_norms_sq(np, X),
+        ids,
+        Q,
+        k,
+        metric,
+        rows,
+        working_set=working_set,
+        parallel=parallel,
+        profile=profile,
     )
     return ids[out.rows].tolist(), out.scores.tolist()
 
@@ -164,7 +167,6 @@ def _blas_controllers() -> list:
     return list(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
-@pytest.mark.usefixtures("split_small_scans")
 @pytest.mark.parametrize("runner", sorted(RUNNERS))
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("m", [1, 7, 40, 300], ids=["gemv", "rows", "transposed", "augmented"])
@@ -176,7 +178,6 @@ def test_scans_split_among_workers_match_the_reference(runner: str, metric: str,
     same(got, reference(X, ids, Q, k, metric, None))
 
 
-@pytest.mark.usefixtures("split_small_scans")
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("m", [1, 300])
 def test_split_scans_with_tiny_tiles_prefilter_and_rescan_match_the_reference(metric: str, m: int) -> None:
@@ -196,7 +197,6 @@ def test_split_scans_with_tiny_tiles_prefilter_and_rescan_match_the_reference(me
     same(run_split(X2, ids2, Q2, 10, metric, parallel), reference(X2, ids2, Q2, 10, metric, None))
 
 
-@pytest.mark.usefixtures("split_small_scans")
 @pytest.mark.parametrize("metric", METRICS)
 def test_k_above_a_workers_share_matches_the_reference(metric: str) -> None:
     """k = 70 over 3 workers' shares of 40 rows: each share keeps every row it has."""
@@ -229,7 +229,6 @@ def sample_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return calls
 
 
-@pytest.mark.usefixtures("split_small_scans")
 @pytest.mark.parametrize("runner", ["serial", "inline-2", "threads-3"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("m", [40, 300], ids=["transposed", "augmented"])
@@ -250,7 +249,6 @@ def test_sampled_admission_bounds_match_the_reference(
     same(run_split(X, ids, Q, k, metric, parallel, rows), reference(X, ids, Q, k, metric, rows))
 
 
-@pytest.mark.usefixtures("split_small_scans")
 @pytest.mark.parametrize("runner", ["serial", "inline-2"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_a_sample_that_misses_the_top_k_falls_back_to_the_exact_scan(
@@ -262,7 +260,7 @@ def test_a_sample_that_misses_the_top_k_falls_back_to_the_exact_scan(
     rng = np.random.default_rng(3)
     Q = rng.standard_normal((50, d)).astype(np.float32)
     X = (rng.standard_normal((n, d)) * 10 + 40).astype(np.float32)  # far from every query
-    s = n // _selection._SAMPLE_STRIDE
+    s = n // CPU_PROFILE.sample_stride
     step = n // s
     near = np.arange(s) * step + step // 2
     X[near] = (Q[rng.integers(0, 50, s)] + rng.standard_normal((s, d)) * 0.1).astype(np.float32)
@@ -328,8 +326,7 @@ def test_small_integer_data_matches_the_reference_bit_for_bit(
     """Sums of small integers are exact in any order: ids and score bits equal the reference's,
     every exact tie broken by the smaller id."""
     m, k, working_set, workers = INTEGER_PATHS[path]
-    if path == "split":
-        lower_split_floors(monkeypatch)
+    profile = SPLIT if path == "split" else CPU_PROFILE
     X, ids, rng = integer_data(3000, 8, seed=len(path))
     Q = rng.integers(-3, 4, size=(m, 8)).astype(np.float32)
     Q[0] = X[3]
@@ -337,7 +334,7 @@ def test_small_integer_data_matches_the_reference_bit_for_bit(
         Q[1] = 0.0
     runner, tasks = InlineWorkers(workers), []
     monkeypatch.setattr(runner, "map", lambda fn, n: tasks.append(fn.__name__) or Parallel.map(runner, fn, n))
-    got = run_split(X, ids, Q, k, metric, runner, working_set=working_set)
+    got = run_split(X, ids, Q, k, metric, runner, working_set=working_set, profile=profile)
     same(got, reference(X, ids, Q, k, metric, None), exact=True)
     assert any(sample_calls) == (path == "sampled")
     assert ("scan" in tasks) == (path == "split")
@@ -465,15 +462,11 @@ def test_kth_run_min_is_the_kth_smallest_run_minimum(rows_axis: int, g: int) -> 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("path", list(INTEGER_PATHS))
 @pytest.mark.parametrize("dead_share", [0.05, 0.6])
-def test_dead_rows_are_never_returned_on_any_path(
-    metric: str, path: str, dead_share: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_dead_rows_are_never_returned_on_any_path(metric: str, path: str, dead_share: float) -> None:
     """``dead=`` gives exactly the reference over the live rows, ids and score bits, on every
     path (the first rows, the near-duplicates of the queries and some zero rows among the dead,
     so a dead row would often win or fill a NaN slot), with ``count = min(k, live)``."""
     m, k, working_set, workers = INTEGER_PATHS[path]
-    if path == "split":
-        lower_split_floors(monkeypatch)
     X, ids, rng = integer_data(3000, 8, seed=7 + len(path))
     Q = rng.integers(-3, 4, size=(m, 8)).astype(np.float32)
     Q[0] = X[3]
@@ -494,6 +487,7 @@ def test_dead_rows_are_never_returned_on_any_path(
         dead=dead,
         working_set=working_set,
         parallel=InlineWorkers(workers),
+        profile=SPLIT if path == "split" else CPU_PROFILE,
     )
     assert out.count == min(k, live.shape[0])
     assert not np.isin(out.rows, dead).any()
