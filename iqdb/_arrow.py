@@ -414,19 +414,25 @@ def upsert_arrow(
     bar = Progress(progress, total)
     bar.start()
     done = 0
-    for batch in reader:
-        for lo in range(0, batch.num_rows, CHUNK_ROWS):
-            chunk = batch.slice(lo, CHUNK_ROWS)
-            # Everything is converted and checked before the write, so a bad chunk writes nothing.
-            ids = _ids(chunk.column(plan.id_column), plan, done)
-            vectors = _vectors(chunk.column(plan.vector_column), plan, done)
-            payloads = _payloads(chunk, plan, done)
-            if plan.canonical:
-                db._upsert_canonical(ids, vectors, payloads)  # Arrow's values are canonical already
-            else:
-                db.upsert_many(ids, vectors, payloads)
-            done += chunk.num_rows
-            bar.advance(chunk.num_rows)
+    if total:
+        db._expect_rows(total)  # the store grows once, not 1.2x at a time
+    try:
+        for batch in reader:
+            for lo in range(0, batch.num_rows, CHUNK_ROWS):
+                chunk = batch.slice(lo, CHUNK_ROWS)
+                # All is converted and checked before the write, so a bad chunk writes nothing.
+                ids = _ids(chunk.column(plan.id_column), plan, done)
+                vectors = _vectors(chunk.column(plan.vector_column), plan, done)
+                payloads = _payloads(chunk, plan, done)
+                if plan.canonical:
+                    db._upsert_canonical(ids, vectors, payloads)  # Arrow's values are canonical
+                else:
+                    db.upsert_many(ids, vectors, payloads)
+                done += chunk.num_rows
+                bar.advance(chunk.num_rows)
+    finally:
+        if total:
+            db._expect_rows(0)
     return done
 
 

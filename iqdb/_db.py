@@ -461,6 +461,11 @@ class Iqdb:
         if rows is not None:
             self._upsert_rows(*rows)
 
+    def _expect_rows(self, rows: int) -> None:
+        """Tell the store that about ``rows`` more records are coming (see ``ColumnStore.expect``)."""
+        with self._wlock:
+            self._store.expect(rows)
+
     def _upsert_rows(
         self, id_arr: npt.NDArray[np.uint64], matrix: npt.NDArray[np.float32], plist: list[Payload | None]
     ) -> None:

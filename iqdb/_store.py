@@ -308,6 +308,7 @@ class ColumnStore:
         # is published: lock-free look-ups retry meanwhile.
         self._changing = 0
         self._undo: tuple[npt.NDArray[np.uint64] | int, npt.NDArray[np.int64] | int] | None = None
+        self._expected = 0  # rows a bulk import announced (see expect)
         self.version = Version(self._layout, 0, 0, 0, self._log, 0, self._bounds)
 
     # -- what a search and the tests read ---------------------------------------------------
@@ -549,12 +550,19 @@ class ColumnStore:
                 lo, hi = self._bounds
                 self._bounds = (min(lo, float(xp.min(positive))), max(hi, float(xp.max(positive))))
 
+    def expect(self, rows: int) -> None:
+        """A hint, as the writer: about ``rows`` more rows are coming (a bulk import that knows its
+        size), so the next growth makes room for them all at once instead of growing 1.2x at a
+        time (each growth copies the whole matrix). ``expect(0)`` withdraws it."""
+        self._expected = max(0, int(rows))
+
     def _reserve(self, extra: int, d: int) -> None:
         """Room for ``extra`` more rows in the current layout; a new (vacuumed) layout if not."""
         self._maybe_vacuum()
         L = self._layout
         if L.dim is not None and self.n + extra <= L.capacity:
             return
+        extra, self._expected = max(extra, self._expected), 0
         live = self.n - self.n_dead
         cap = max(_MIN_CAPACITY, int(max(L.capacity, live) * _GROWTH), live + extra)
         self._relayout(cap, d)

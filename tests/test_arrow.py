@@ -631,3 +631,47 @@ def test_uint64_payloads_beyond_int64_are_refused(mem: iqdb.Iqdb) -> None:
     assert len(mem) == 2
     mem.upsert_arrow(nested.slice(0, 1))
     assert payload_of(mem, 3) == {"u": [1]}
+
+
+def test_an_import_of_known_size_grows_the_store_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table (its length known) makes the store grow once, to hold it all, instead of 1.2x at a
+    time (each growth copies the whole matrix); a stream of unknown length grows as usual. The
+    records are the same either way."""
+    from iqdb._store import ColumnStore
+
+    monkeypatch.setattr(_arrow, "CHUNK_ROWS", 1000)
+    n, d = 5_321, 4
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    table = pa.table({"id": np.arange(n, dtype=np.uint64), "vector": list(X), "year": np.arange(n) % 7})
+    growths: list[int] = []
+    real = ColumnStore._relayout
+
+    def spy(self: ColumnStore, cap: int, dim: int) -> None:
+        growths.append(cap)
+        real(self, cap, dim)
+
+    monkeypatch.setattr(ColumnStore, "_relayout", spy)
+    with iqdb.open_in_memory() as db:
+        db.upsert_many([10**9], np.ones((1, d), dtype=np.float32))  # a record already there
+        growths.clear()
+        assert db.upsert_arrow(table) == n
+        assert len(growths) == 1 and growths[0] >= n + 1, growths
+        assert db._store._expected == 0  # the hint is used up
+        with iqdb.open_in_memory() as streamed:
+            growths.clear()
+            streamed.upsert_arrow(pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))
+            assert len(growths) > 2  # no length known: the usual steps
+            streamed.upsert_many([10**9], np.ones((1, d), dtype=np.float32))
+            assert_same_records(db, streamed)
+
+
+def test_a_failed_import_withdraws_its_size_hint() -> None:
+    """A bad chunk stops the import (nothing of it written) and the hint is withdrawn, so a later
+    write does not reserve room for rows that never came."""
+    n = 3
+    table = pa.table({"id": pa.array([1, None, 3], type=pa.int64()), "vector": [[1.0, 0.0]] * n})
+    with iqdb.open_in_memory() as db:
+        with pytest.raises(iqdb.InvalidArgument, match="row 1"):
+            db.upsert_arrow(table)
+        assert len(db) == 0 and db._store._expected == 0
