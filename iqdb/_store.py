@@ -368,9 +368,14 @@ class ColumnStore:
 
     # -- writes ---------------------------------------------------------------------------
     def upsert(
-        self, ids: npt.NDArray[np.uint64], vectors: npt.NDArray[np.float32], payloads: list[Payload | None]
+        self,
+        ids: npt.NDArray[np.uint64],
+        vectors: npt.NDArray[np.float32],
+        payloads: list[Payload | None],
+        columns: dict[str, list[Any]] | None = None,
     ) -> None:
-        """Insert or replace rows and publish. ``ids`` unique; inputs already validated."""
+        """Insert or replace rows and publish. ``ids`` unique; inputs already validated;
+        ``columns``: the payloads as scalar columns, when known (see ``UpsertOp``)."""
         m = int(ids.shape[0])
         if m == 0:
             return
@@ -390,7 +395,7 @@ class ColumnStore:
         self._set_norms(L, where, norms)
         L.ids[where] = ids
         L.payloads.extend(payloads)
-        L.fields.append(start, payloads)
+        L.fields.append(start, payloads, columns)
         self.n = start + m
         self._begin(ids, old)
         L.index.set_many(ids, np.arange(start, start + m, dtype=np.int64))

@@ -448,9 +448,9 @@ def test_large_batches_are_cut_into_bounded_chunks(mem: iqdb.Iqdb, monkeypatch: 
     calls: list[int] = []
     real = iqdb.Iqdb._upsert_canonical  # upsert_many, minus the checks Arrow's types make moot
 
-    def spy(self: iqdb.Iqdb, ids: Any, vectors: Any, payloads: Any = None) -> None:
+    def spy(self: iqdb.Iqdb, ids: Any, vectors: Any, payloads: Any = None, columns: Any = None) -> None:
         calls.append(len(ids))
-        real(self, ids, vectors, payloads)
+        real(self, ids, vectors, payloads, columns)
 
     monkeypatch.setattr(iqdb.Iqdb, "_upsert_canonical", spy)
     seen: list[tuple[int, int | None]] = []
@@ -675,3 +675,69 @@ def test_a_failed_import_withdraws_its_size_hint() -> None:
         with pytest.raises(iqdb.InvalidArgument, match="row 1"):
             db.upsert_arrow(table)
         assert len(db) == 0 and db._store._expected == 0
+
+
+def test_scalar_columns_index_as_the_payloads_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk of scalar columns without nulls reaches the filter index as columns (no pass over
+    the payloads); the index it builds is the one the payloads build, array for array, and
+    filtered searches answer the same. A chunk with nulls, lists or duplicate ids takes the
+    payloads' path."""
+    from iqdb._filters import _columns
+
+    monkeypatch.setattr(_arrow, "CHUNK_ROWS", 700)
+    n, d = 2_000, 3
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    table = pa.table(
+        {
+            "id": np.arange(n, dtype=np.int64),
+            "vector": list(X),
+            "year": pa.array(rng.integers(1990, 2030, n), type=pa.int32()),
+            "score": rng.standard_normal(n),
+            "flag": rng.random(n) < 0.3,
+            "kind": pa.array([f"k{i % 13}" for i in range(n)], type=pa.large_string()),
+            "raw": [bytes([i % 5]) for i in range(n)],
+            "a.b": np.arange(n),  # not reachable by a dotted path: indexed by neither
+            "big": pa.array(np.arange(n, dtype=np.uint64) + 2**62, type=pa.uint64()),
+        }
+    )
+    used: list[bool] = []
+    real = _columns.PayloadIndex.append
+
+    def spy(self: Any, start: int, payloads: Any, columns: Any = None) -> None:
+        used.append(columns is not None)
+        real(self, start, payloads, columns)
+
+    monkeypatch.setattr(_columns.PayloadIndex, "append", spy)
+    with iqdb.open_in_memory() as db, iqdb.open_in_memory() as ref:
+        db.upsert_arrow(table)
+        assert used == [True, True, True]
+        rows = table.to_pylist()
+        ref.upsert_many(
+            [r["id"] for r in rows],
+            X,
+            [{k: v for k, v in r.items() if k not in ("id", "vector")} for r in rows],
+        )
+        assert used[3:] == [False]
+        got, want = db._store._layout.fields, ref._store._layout.fields
+        assert got.n == want.n == n and sorted(got.columns) == sorted(want.columns)
+        for path, col in want.columns.items():
+            mine = got.columns[path]
+            for name in ("tags", "ints", "floats", "codes"):
+                np.testing.assert_array_equal(getattr(mine, name).view(0, n), getattr(col, name).view(0, n))
+            assert mine.values == col.values
+        for f in (
+            iqdb.Field("year") >= 2020,
+            (iqdb.Field("kind") == "k3") | (iqdb.Field("flag") == True),  # noqa: E712
+            iqdb.Field("raw") == b"\x02",
+            iqdb.Field("big") > 2**62 + 1500,
+            iqdb.Field("score").between(-0.5, 0.5),
+        ):
+            assert db.count(f) == ref.count(f) > 0, f
+            assert db.search(X[0], 20, "l2", filter=f) == ref.search(X[0], 20, "l2", filter=f)
+        # nulls in a chunk: the payloads' path
+        used.clear()
+        db.upsert_arrow(
+            pa.table({"id": [n + 1, n + 2], "vector": [X[0], X[1]], "year": pa.array([None, 7], pa.int64())})
+        )
+        assert used == [False] and db.count(iqdb.Field("year") == 7) == 1
