@@ -231,6 +231,9 @@ class _Plan:
         # inside lists or structs (a top-level uint64 column is checked before the write): those
         # batches take upsert_many's per-value check.
         self.canonical = not any(_inner_uint64(schema.field(name).type) for name, _, _ in self.payload)
+        # Scalar columns only (no lists or structs, nothing iqdb-encoded): a chunk without nulls
+        # then hands its columns to the filter index as they are (PayloadIndex.append).
+        self.scalar = all(not enc and _scalar(schema.field(name).type) for name, _, enc in self.payload)
         self.empty_marker = (
             EMPTY_PAYLOAD_COLUMN
             if EMPTY_PAYLOAD_COLUMN in names and pa.types.is_boolean(schema.field(EMPTY_PAYLOAD_COLUMN).type)
@@ -333,10 +336,28 @@ def _decode_value(raw: bytes, column: str, row: int) -> PayloadValue:
     return value
 
 
-def _payloads(batch: pa.RecordBatch, plan: _Plan, base: int) -> list[dict[str, Any] | None] | None:
-    """The chunk's payloads: one Python object per row is the one thing built per row."""
+def _scalar(t: pa.DataType) -> bool:
+    """Whether Arrow gives a column of this type as scalar payload values (no list, no dict)."""
+    return bool(
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
+
+
+Payloads = list[dict[str, Any] | None]
+Columns = dict[str, list[Any]]
+
+
+def _payloads(batch: pa.RecordBatch, plan: _Plan, base: int) -> tuple[Payloads | None, Columns | None]:
+    """The chunk's payloads (one Python object per row is the one thing built per row), and the
+    same as columns ``{key: values}`` when every row has every key and every value is a scalar."""
     if not plan.payload and plan.empty_marker is None:
-        return None
+        return None, None
     n = batch.num_rows
     keys: list[str] = []
     columns: list[list[Any]] = []
@@ -372,7 +393,7 @@ def _payloads(batch: pa.RecordBatch, plan: _Plan, base: int) -> list[dict[str, A
     rows = zip(*columns) if columns else iter([()] * n)
     out: list[dict[str, Any] | None] = []
     if dense and keys:  # every row has every key: no per-value test
-        return [dict(zip(keys, row)) for row in rows]
+        return [dict(zip(keys, row)) for row in rows], dict(zip(keys, columns)) if plan.scalar else None
     if any_encoded:
         for row, is_empty in zip(rows, empty):
             p = {k: None if v is _NONE else v for k, v in zip(keys, row) if v is not None}
@@ -381,7 +402,7 @@ def _payloads(batch: pa.RecordBatch, plan: _Plan, base: int) -> list[dict[str, A
         for row, is_empty in zip(rows, empty):
             p = {k: v for k, v in zip(keys, row) if v is not None}
             out.append(p if p or is_empty else None)
-    return out
+    return out, None
 
 
 def upsert_arrow(
@@ -414,19 +435,25 @@ def upsert_arrow(
     bar = Progress(progress, total)
     bar.start()
     done = 0
-    for batch in reader:
-        for lo in range(0, batch.num_rows, CHUNK_ROWS):
-            chunk = batch.slice(lo, CHUNK_ROWS)
-            # Everything is converted and checked before the write, so a bad chunk writes nothing.
-            ids = _ids(chunk.column(plan.id_column), plan, done)
-            vectors = _vectors(chunk.column(plan.vector_column), plan, done)
-            payloads = _payloads(chunk, plan, done)
-            if plan.canonical:
-                db._upsert_canonical(ids, vectors, payloads)  # Arrow's values are canonical already
-            else:
-                db.upsert_many(ids, vectors, payloads)
-            done += chunk.num_rows
-            bar.advance(chunk.num_rows)
+    if total:
+        db._expect_rows(total)  # the store grows once, not 1.2x at a time
+    try:
+        for batch in reader:
+            for lo in range(0, batch.num_rows, CHUNK_ROWS):
+                chunk = batch.slice(lo, CHUNK_ROWS)
+                # All is converted and checked before the write, so a bad chunk writes nothing.
+                ids = _ids(chunk.column(plan.id_column), plan, done)
+                vectors = _vectors(chunk.column(plan.vector_column), plan, done)
+                payloads, columns = _payloads(chunk, plan, done)
+                if plan.canonical:
+                    db._upsert_canonical(ids, vectors, payloads, columns)  # values are canonical
+                else:
+                    db.upsert_many(ids, vectors, payloads)
+                done += chunk.num_rows
+                bar.advance(chunk.num_rows)
+    finally:
+        if total:
+            db._expect_rows(0)
     return done
 
 

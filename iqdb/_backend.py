@@ -13,7 +13,7 @@ store back and calls :meth:`Backend.unlog`, so the log never holds a write that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
 import numpy as np
@@ -36,11 +36,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class UpsertOp:
-    """Insert or replace rows. ``ids`` unique (uint64), ``vectors`` ``(m, d)`` float32 finite."""
+    """Insert or replace rows. ``ids`` unique (uint64), ``vectors`` ``(m, d)`` float32 finite.
+
+    ``columns``, when given, holds the same payloads as columns: payload ``i`` is exactly
+    ``{key: columns[key][i]}`` (in that key order) with scalar values, so the filter index takes
+    them column by column (an Arrow import knows them so); any rewrite of the rows drops it.
+    """
 
     ids: npt.NDArray[np.uint64]
     vectors: npt.NDArray[np.float32]
     payloads: list[Payload | None]
+    columns: dict[str, list[Any]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ def merge_upserts(ops: list[UpsertOp]) -> UpsertOp:
 def apply_op(store: ColumnStore, op: Op) -> int:
     """Apply a validated operation to the store; the number of records written or removed."""
     if isinstance(op, UpsertOp):
-        store.upsert(op.ids, op.vectors, op.payloads)
+        store.upsert(op.ids, op.vectors, op.payloads, op.columns)
         return int(op.ids.shape[0])
     return store.delete_many(op.ids)
 

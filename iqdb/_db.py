@@ -451,22 +451,37 @@ class Iqdb:
             self._upsert_rows(*rows)
 
     def _upsert_canonical(
-        self, ids: object, vectors: object, payloads: Sequence[dict[str, Any] | None] | None
+        self,
+        ids: object,
+        vectors: object,
+        payloads: Sequence[dict[str, Any] | None] | None,
+        columns: dict[str, list[Any]] | None = None,
     ) -> None:
         """:meth:`upsert_many` for a caller whose payloads are fresh dicts of canonical values
         (iqdb's own Arrow import builds them from Arrow's types): they are adopted as they are,
-        without the check and the copy (about half of a bulk import's time otherwise)."""
+        without the check and the copy (about half of a bulk import's time otherwise).
+        ``columns``: the same payloads as scalar columns, when every payload is exactly
+        ``{key: columns[key][i]}`` (see :class:`~iqdb._backend.UpsertOp`)."""
         self._check_writable()
         rows = coerce_rows(ids, vectors, payloads, adopt=True)
         if rows is not None:
-            self._upsert_rows(*rows)
+            self._upsert_rows(*rows, columns)
+
+    def _expect_rows(self, rows: int) -> None:
+        """Tell the store that about ``rows`` more records are coming (see ``ColumnStore.expect``)."""
+        with self._wlock:
+            self._store.expect(rows)
 
     def _upsert_rows(
-        self, id_arr: npt.NDArray[np.uint64], matrix: npt.NDArray[np.float32], plist: list[Payload | None]
+        self,
+        id_arr: npt.NDArray[np.uint64],
+        matrix: npt.NDArray[np.float32],
+        plist: list[Payload | None],
+        columns: dict[str, list[Any]] | None = None,
     ) -> None:
         # A repeated id: the last row wins.
-        op = dedupe_last(UpsertOp(np.ascontiguousarray(id_arr), np.ascontiguousarray(matrix), plist))
-        self._write(op, int(matrix.shape[1]))
+        op = UpsertOp(np.ascontiguousarray(id_arr), np.ascontiguousarray(matrix), plist, columns)
+        self._write(dedupe_last(op), int(matrix.shape[1]))
 
     def delete(self, rid: object) -> bool:
         """Delete the record with id ``rid``; ``True`` if one was removed.

@@ -506,7 +506,8 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         if fs.exists(b.tmp_path):
             fs.unlink(b.tmp_path)  # a compaction died before its commit point
             log.info("iqdb: %s: removed snap.tmp, left by a compaction that did not finish", b.path)
-    snap = read_snapshot(fs, b.snap_path) if fs.exists(b.snap_path) else None
+    # The vectors' checksum is checked while the store copies them (a single pass over the map).
+    snap = read_snapshot(fs, b.snap_path, defer_vectors=True) if fs.exists(b.snap_path) else None
     if snap is not None:
         b.generation, b.last_seq = snap.generation, snap.last_seq
     b.recovery = {
@@ -536,12 +537,12 @@ def _open(b: DurableBackend, store: ColumnStore) -> None:
         # a snapshot, or with one that has no rows, the log gives the dimension.
         extra = 0 if plan is None else plan.rows
         if snap is not None and snap.dim is not None:
-            store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms, extra=extra)
+            store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms, extra, snap.vectors_crc)
         elif plan is not None and plan.dim is not None:
             empty = np.empty((0, plan.dim), dtype=np.float32)
             store.load(np.empty(0, dtype=np.uint64), empty, [], plan.dim, extra=extra)
         elif snap is not None:
-            store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms)
+            store.load(snap.ids, snap.vectors, snap.payloads, snap.dim, snap.norms, 0, snap.vectors_crc)
         snap = None  # the replay needs only the store
         if src is not None and plan is not None:
             _replay(store, replay_ops(src, b.generation, plan))

@@ -66,6 +66,9 @@ class SnapshotData:
     generation: int
     last_seq: int
     norms: npt.NDArray[np.float64] | None = None
+    # Read with ``defer_vectors``: the CRC-32 the vectors must have, for the loader to check while
+    # it copies them (one pass over them instead of two); ``None`` once checked.
+    vectors_crc: str | None = None
 
 
 def _crc(buf: Any) -> str:
@@ -204,8 +207,12 @@ def _int(meta: dict[str, str], key: str) -> int:
         raise Corrupt(f"snapshot metadata {key!r} is missing or malformed") from None
 
 
-def read_snapshot(fs: FileSystem, path: str) -> SnapshotData:
+def read_snapshot(fs: FileSystem, path: str, *, defer_vectors: bool = False) -> SnapshotData:
     """Map, verify and decode the snapshot at ``path``.
+
+    With ``defer_vectors``, every check but the vectors' checksum is made here, and the expected
+    checksum is handed on in :attr:`SnapshotData.vectors_crc` for the caller to check while it
+    copies the vectors (:meth:`~iqdb._store.ColumnStore.load`): the map is then read once.
 
     Raises
     ------
@@ -252,7 +259,9 @@ def read_snapshot(fs: FileSystem, path: str) -> SnapshotData:
     voff = 4 * (vec_col.values.offset + width * vec_col.offset)
     vectors = np.frombuffer(vbuf, dtype="<f4", count=rows * width, offset=voff).reshape(rows, width)
     norms = np.frombuffer(norm_col.buffers()[1], dtype="<f8", count=rows, offset=8 * norm_col.offset)
-    for key, value in _column_crcs(ids, vectors, norms, payload_col).items():
+    for key, value in _column_crcs(ids, None if defer_vectors else vectors, norms, payload_col).items():
+        if key == "crc_vectors" and defer_vectors:
+            continue
         if meta.get(key) != value:
             raise Corrupt(f"snapshot {key[4:]} checksum mismatch")
     if str(payload_col.null_count) != meta.get("payload_nulls"):
@@ -269,4 +278,5 @@ def read_snapshot(fs: FileSystem, path: str) -> SnapshotData:
         generation=_int(meta, "generation"),
         last_seq=_int(meta, "last_seq"),
         norms=norms,
+        vectors_crc=meta.get("crc_vectors", "") if defer_vectors else None,
     )

@@ -42,11 +42,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._errors import DimensionMismatch
+from ._errors import Corrupt, DimensionMismatch
 from ._filters import MaskCache, PayloadIndex
 from ._index import IdIndex
 from ._payload import Payload
 from .kernels import ArrayBackend
+from .kernels._transfer import copy_rows
 
 __all__ = ["ColumnStore", "Version", "row_norms_sq"]
 
@@ -117,7 +118,9 @@ class _Mirror:
     """A layout's columns on the search device, filled on demand: a search first uploads the
     rows its version has and the mirror lacks (rows below a published count never change, so
     they are uploaded once, in one batch per search however many writes made them), and a
-    write never touches the device.
+    write never touches the device. An open fills it at once, in the same pass that copies the
+    snapshot to the host (:meth:`load`). Every upload goes through two small page-locked
+    buffers (:func:`~iqdb.kernels._transfer.copy_rows`), never a staging copy of the whole.
 
     A new layout (growth, vacuum) starts with an empty mirror, filled from the host columns by
     the next search, not copied device to device from the old one: the old mirror is freed with
@@ -126,12 +129,13 @@ class _Mirror:
     growth step of 1.2. The price is one upload of the whole matrix per growth (about 6x the
     final size in all while a database grows from empty), at the host link's speed."""
 
-    __slots__ = ("columns", "layout", "lock", "rows")
+    __slots__ = ("columns", "layout", "lock", "rows", "vector_rows")
 
     def __init__(self, layout: _Layout) -> None:
         self.layout = layout
         self.lock = threading.Lock()
         self.rows = 0  # rows uploaded
+        self.vector_rows = 0  # rows of the matrix uploaded: ahead of the others after a load
         self.columns: tuple[Any, ...] | None = None  # matrix, norms, norms32, inv32, ids
 
     def _allocate(self) -> tuple[Any, ...]:
@@ -152,17 +156,28 @@ class _Mirror:
             if self.columns is None:
                 self.columns = self._allocate()
             if self.rows < n:
-                L, be = self.layout, self.layout.backend
+                L = self.layout
                 hosts: tuple[Any, ...] = (L.matrix, L.norms, L.norms32, L.inv32, L.ids)
-                # In pieces of about 32 MiB of vectors: no full-size staging copy of a large
-                # snapshot (the first search after an open uploads it all).
-                step = max(1, (32 << 20) // max(1, 4 * (L.dim or 1)))
-                for lo in range(self.rows, n, step):
-                    hi = min(n, lo + step)
-                    for dev, host in zip(self.columns, hosts):
-                        dev[lo:hi] = be.asarray(host[lo:hi])
-                self.rows = n
+                for i, (dev, host) in enumerate(zip(self.columns, hosts)):
+                    lo = max(self.rows, self.vector_rows) if i == 0 else self.rows
+                    if lo < n:
+                        copy_rows(L.backend, host[lo:n], device=dev[lo:n])
+                self.rows = self.vector_rows = n
             return tuple(c[:n] for c in self.columns)
+
+    def load(self, matrix: npt.NDArray[np.float32], crc: int | None) -> int | None:
+        """Fill the host matrix and this (empty) mirror's matrix with ``matrix``'s rows in one
+        pass (each row read once, then sent on through the pinned buffers); the other columns
+        follow with :meth:`upto`. Returns the CRC-32 of ``matrix``'s bytes continued from
+        ``crc`` (``None``: not computed)."""
+        n = int(matrix.shape[0])
+        host = self.layout.matrix[:n]
+        with self.lock:
+            if self.columns is None:
+                self.columns = self._allocate()
+            crc = copy_rows(self.layout.backend, matrix, host=host, device=self.columns[0][:n], crc=crc)
+            self.vector_rows = n
+            return crc
 
     def nbytes(self) -> int:
         return 0 if self.columns is None else sum(int(c.nbytes) for c in self.columns)
@@ -293,6 +308,7 @@ class ColumnStore:
         # is published: lock-free look-ups retry meanwhile.
         self._changing = 0
         self._undo: tuple[npt.NDArray[np.uint64] | int, npt.NDArray[np.int64] | int] | None = None
+        self._expected = 0  # rows a bulk import announced (see expect)
         self.version = Version(self._layout, 0, 0, 0, self._log, 0, self._bounds)
 
     # -- what a search and the tests read ---------------------------------------------------
@@ -352,9 +368,14 @@ class ColumnStore:
 
     # -- writes ---------------------------------------------------------------------------
     def upsert(
-        self, ids: npt.NDArray[np.uint64], vectors: npt.NDArray[np.float32], payloads: list[Payload | None]
+        self,
+        ids: npt.NDArray[np.uint64],
+        vectors: npt.NDArray[np.float32],
+        payloads: list[Payload | None],
+        columns: dict[str, list[Any]] | None = None,
     ) -> None:
-        """Insert or replace rows and publish. ``ids`` unique; inputs already validated."""
+        """Insert or replace rows and publish. ``ids`` unique; inputs already validated;
+        ``columns``: the payloads as scalar columns, when known (see ``UpsertOp``)."""
         m = int(ids.shape[0])
         if m == 0:
             return
@@ -374,7 +395,7 @@ class ColumnStore:
         self._set_norms(L, where, norms)
         L.ids[where] = ids
         L.payloads.extend(payloads)
-        L.fields.append(start, payloads)
+        L.fields.append(start, payloads, columns)
         self.n = start + m
         self._begin(ids, old)
         L.index.set_many(ids, np.arange(start, start + m, dtype=np.int64))
@@ -534,12 +555,19 @@ class ColumnStore:
                 lo, hi = self._bounds
                 self._bounds = (min(lo, float(xp.min(positive))), max(hi, float(xp.max(positive))))
 
+    def expect(self, rows: int) -> None:
+        """A hint, as the writer: about ``rows`` more rows are coming (a bulk import that knows its
+        size), so the next growth makes room for them all at once instead of growing 1.2x at a
+        time (each growth copies the whole matrix). ``expect(0)`` withdraws it."""
+        self._expected = max(0, int(rows))
+
     def _reserve(self, extra: int, d: int) -> None:
         """Room for ``extra`` more rows in the current layout; a new (vacuumed) layout if not."""
         self._maybe_vacuum()
         L = self._layout
         if L.dim is not None and self.n + extra <= L.capacity:
             return
+        extra, self._expected = max(extra, self._expected), 0
         live = self.n - self.n_dead
         cap = max(_MIN_CAPACITY, int(max(L.capacity, live) * _GROWTH), live + extra)
         self._relayout(cap, d)
@@ -592,17 +620,33 @@ class ColumnStore:
         payloads: list[Payload | None],
         dim: int | None,
         norms: Any = None,
-        headroom: float = 1.0625,
         extra: int = 0,
+        vectors_crc: str | None = None,
+        headroom: float = 1.0625,
     ) -> None:
-        """Replace the contents with whole columns (snapshot load) and publish: one block copy,
-        no per-row work on the vectors. ``extra`` rows of room are reserved for writes known to
-        follow."""
+        """Replace the contents with whole columns (snapshot load) and publish: no per-row work
+        on the vectors, each read once (copied to the host columns and, on a GPU, on to the
+        device mirror chunk by chunk: see :func:`~iqdb.kernels._transfer.copy_rows`). ``extra``
+        rows of room are reserved for writes known to follow.
+
+        Raises
+        ------
+        Corrupt
+            ``vectors_crc`` (the snapshot's CRC-32 of the vectors, checked during the copy) does
+            not match; nothing is published.
+        """
         self.clear()
         n = int(ids.shape[0])
         cap = max(_MIN_CAPACITY, int(n * headroom) + extra) if dim is not None else 0
-        L = self._layout = _Layout(self.backend, cap, dim)
-        L.matrix[:n] = matrix
+        L = _Layout(self.backend, cap, dim)
+        start = None if vectors_crc is None else 0
+        if L.mirror is None:
+            crc = copy_rows(self.backend, matrix, host=L.matrix[:n], crc=start)
+        else:
+            crc = L.mirror.load(matrix, start)
+        if vectors_crc is not None and str(crc) != vectors_crc:
+            raise Corrupt("snapshot vectors checksum mismatch")
+        self._layout = L
         if n:
             self._set_norms(
                 L, slice(0, n), row_norms_sq(np, L.matrix[:n]) if norms is None else np.asarray(norms)
@@ -611,6 +655,8 @@ class ColumnStore:
         L.payloads = list(payloads)
         L.fields.append(0, L.payloads)
         L.index.load(np.asarray(ids, dtype=np.uint64), np.arange(n, dtype=np.int64))
+        if L.mirror is not None:
+            L.mirror.upto(n)  # the device is ready when the open returns
         self.n = self.live = n
         self._publish()
 

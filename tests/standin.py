@@ -36,8 +36,12 @@ wheel):
   code that relies on NaN placement gets wrong answers here; reductions and integer indexing
   give 0-d device arrays; floating-point errors are never signalled. Stricter than CuPy: an
   out-of-bounds index raises NumPy's ``IndexError`` (CuPy wraps it).
+* Page-locked memory: ``cuda.alloc_pinned_memory`` gives a host block the ledger knows, and an
+  upload records whether it read from one (``Tally.pageable_upload_bytes``). ``asarray`` of a host
+  array records the page-locked staging block of its whole size that CuPy allocates for it
+  (``Tally.pinned_peak``). ``cuda.Stream`` and ``cuda.Event`` exist; copies run at once.
 * Not emulated: ``__cuda_array_interface__``, ``.data``, raw kernels (``RawModule``...), ``fuse``,
-  the submodules but a small ``cuda`` (``Device``). Arithmetic is NumPy's, so bit-identity
+  the submodules but a small ``cuda`` (``Device``, ``Stream``, ``Event``, ``alloc_pinned_memory``). Arithmetic is NumPy's, so bit-identity
   through the stand-in proves the orchestration, not the GPU's rounding; host-memory
   measurements do not carry over (the stand-in adds copies).
 """
@@ -50,6 +54,7 @@ import os
 import sys
 import threading
 import types
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,6 +85,8 @@ class Event:
     quiet: bool = False  # an upload CuPy makes without being asked (host index, scalar operand)
     refused: bool = False  # an implicit host conversion, which CuPy refuses with TypeError
     dispatched: bool = False  # a NumPy function called on device arrays (__array_function__)
+    pinned: int | None = None  # bytes of page-locked host memory allocated (a buffer or staging)
+    from_pinned: bool = False  # an upload read from page-locked memory (asynchronous on CuPy)
 
 
 @dataclass
@@ -118,6 +125,16 @@ class Tally:
     @property
     def upload_bytes(self) -> int:
         return sum(e.h2d or 0 for e in self.events)
+
+    @property
+    def pinned_peak(self) -> int:
+        """The largest page-locked allocation (explicit, or CuPy's staging for ``asarray``)."""
+        return max((e.pinned or 0 for e in self.events), default=0)
+
+    @property
+    def pageable_upload_bytes(self) -> int:
+        """Bytes uploaded from memory that is not page-locked (staged by CuPy or the driver)."""
+        return sum(e.h2d or 0 for e in self.events if not e.from_pinned)
 
     @property
     def download_bytes(self) -> int:
@@ -547,10 +564,18 @@ class ndarray:
         return self._a.tobytes(order=order)
 
     def set(self, arr: np.ndarray, stream: Any = None) -> None:
+        # CuPy's checks, in its order (cupy/_core/core.pyx, ndarray.set).
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"Only numpy.ndarray can be set to cupy.ndarray, got {type(arr)}")
-        ledger.note("set()", h2d=arr.nbytes)
-        self._a[...] = arr
+        if self._a.size != arr.size:
+            raise ValueError(f"Shape mismatch. Old shape: {self._a.shape}, new shape: {arr.shape}")
+        if self._a.dtype != arr.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self._a.dtype} array")
+        if not self._a.flags.c_contiguous:
+            raise RuntimeError("Cannot set to non-contiguous array")
+        pinned = _is_pinned(arr)
+        ledger.note("set() pinned" if pinned else "set()", h2d=arr.nbytes, from_pinned=pinned)
+        self._a[...] = arr.reshape(self._a.shape)
 
     def __float__(self) -> float:
         self._download("float()")
@@ -777,7 +802,10 @@ def asarray(
     if copy is False:
         raise ValueError("a host array cannot be used on the device without a copy")
     host = np.array(a, dtype=dtype, order=order or "K", copy=True)  # device memory is its own
-    ledger.note("asarray", h2d=host.nbytes)
+    # CuPy stages pageable memory through a page-locked block of the whole size (kept in its
+    # pinned pool afterwards): research note gpu.md section 3.5.
+    pinned = isinstance(a, np.ndarray) and _is_pinned(a)
+    ledger.note("asarray", h2d=host.nbytes, pinned=None if pinned else host.nbytes, from_pinned=pinned)
     return _wrap(host)
 
 
@@ -945,6 +973,57 @@ class _Device:
         ledger.note("Device.synchronize()", syncs=1)
 
 
+# -- page-locked memory, streams and events ---------------------------------------------------------
+
+_PINNED: list[weakref.ref[np.ndarray]] = []  # live page-locked blocks (bytes on the host, as in CuPy)
+_PINNED_LOCK = threading.Lock()
+
+
+def _is_pinned(arr: np.ndarray) -> bool:
+    with _PINNED_LOCK:
+        blocks = [b for b in (r() for r in _PINNED) if b is not None]
+    return any(np.may_share_memory(arr, b) for b in blocks)
+
+
+def alloc_pinned_memory(size: int) -> np.ndarray:
+    """``cupy.cuda.alloc_pinned_memory``: a page-locked block (here a byte array; CuPy's pointer
+    exposes the buffer protocol the same way, for ``numpy.frombuffer``)."""
+    block = np.empty(int(size), dtype=np.uint8)
+    with _PINNED_LOCK:
+        _PINNED[:] = [r for r in _PINNED if r() is not None]
+        _PINNED.append(weakref.ref(block))
+    ledger.note("alloc_pinned_memory", pinned=int(size))
+    return block
+
+
+class _Event:
+    """``cupy.cuda.Event``: the stand-in runs every copy at once, so an event is always done."""
+
+    done = True
+
+    def synchronize(self) -> None:
+        return None  # a host wait on a copy stream: not a search's sync
+
+
+class _Stream:
+    """``cupy.cuda.Stream``: work "on" it runs at once (copies are synchronous here)."""
+
+    def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False) -> None:
+        self.non_blocking = non_blocking
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def record(self, event: _Event | None = None) -> _Event:
+        return _Event() if event is None else event
+
+    def synchronize(self) -> None:
+        return None
+
+
 # The namespace's own functions above, in place of NumPy's (asanyarray is asarray).
 _OWN = """
 asarray array asanyarray ascontiguousarray asnumpy get_array_module einsum sort argsort argpartition
@@ -972,6 +1051,9 @@ def _namespace() -> types.ModuleType:
         setattr(ns, name, value)
     cuda = types.ModuleType("cupy_standin.cuda")
     cuda.Device = _Device  # type: ignore[attr-defined]
+    cuda.Stream = _Stream  # type: ignore[attr-defined]
+    cuda.Event = _Event  # type: ignore[attr-defined]
+    cuda.alloc_pinned_memory = alloc_pinned_memory  # type: ignore[attr-defined]
     ns.cuda = cuda  # type: ignore[attr-defined]
     return ns
 

@@ -448,9 +448,9 @@ def test_large_batches_are_cut_into_bounded_chunks(mem: iqdb.Iqdb, monkeypatch: 
     calls: list[int] = []
     real = iqdb.Iqdb._upsert_canonical  # upsert_many, minus the checks Arrow's types make moot
 
-    def spy(self: iqdb.Iqdb, ids: Any, vectors: Any, payloads: Any = None) -> None:
+    def spy(self: iqdb.Iqdb, ids: Any, vectors: Any, payloads: Any = None, columns: Any = None) -> None:
         calls.append(len(ids))
-        real(self, ids, vectors, payloads)
+        real(self, ids, vectors, payloads, columns)
 
     monkeypatch.setattr(iqdb.Iqdb, "_upsert_canonical", spy)
     seen: list[tuple[int, int | None]] = []
@@ -631,3 +631,113 @@ def test_uint64_payloads_beyond_int64_are_refused(mem: iqdb.Iqdb) -> None:
     assert len(mem) == 2
     mem.upsert_arrow(nested.slice(0, 1))
     assert payload_of(mem, 3) == {"u": [1]}
+
+
+def test_an_import_of_known_size_grows_the_store_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table (its length known) makes the store grow once, to hold it all, instead of 1.2x at a
+    time (each growth copies the whole matrix); a stream of unknown length grows as usual. The
+    records are the same either way."""
+    from iqdb._store import ColumnStore
+
+    monkeypatch.setattr(_arrow, "CHUNK_ROWS", 1000)
+    n, d = 5_321, 4
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    table = pa.table({"id": np.arange(n, dtype=np.uint64), "vector": list(X), "year": np.arange(n) % 7})
+    growths: list[int] = []
+    real = ColumnStore._relayout
+
+    def spy(self: ColumnStore, cap: int, dim: int) -> None:
+        growths.append(cap)
+        real(self, cap, dim)
+
+    monkeypatch.setattr(ColumnStore, "_relayout", spy)
+    with iqdb.open_in_memory() as db:
+        db.upsert_many([10**9], np.ones((1, d), dtype=np.float32))  # a record already there
+        growths.clear()
+        assert db.upsert_arrow(table) == n
+        assert len(growths) == 1 and growths[0] >= n + 1, growths
+        assert db._store._expected == 0  # the hint is used up
+        with iqdb.open_in_memory() as streamed:
+            growths.clear()
+            streamed.upsert_arrow(pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))
+            assert len(growths) > 2  # no length known: the usual steps
+            streamed.upsert_many([10**9], np.ones((1, d), dtype=np.float32))
+            assert_same_records(db, streamed)
+
+
+def test_a_failed_import_withdraws_its_size_hint() -> None:
+    """A bad chunk stops the import (nothing of it written) and the hint is withdrawn, so a later
+    write does not reserve room for rows that never came."""
+    n = 3
+    table = pa.table({"id": pa.array([1, None, 3], type=pa.int64()), "vector": [[1.0, 0.0]] * n})
+    with iqdb.open_in_memory() as db:
+        with pytest.raises(iqdb.InvalidArgument, match="row 1"):
+            db.upsert_arrow(table)
+        assert len(db) == 0 and db._store._expected == 0
+
+
+def test_scalar_columns_index_as_the_payloads_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk of scalar columns without nulls reaches the filter index as columns (no pass over
+    the payloads); the index it builds is the one the payloads build, array for array, and
+    filtered searches answer the same. A chunk with nulls, lists or duplicate ids takes the
+    payloads' path."""
+    from iqdb._filters import _columns
+
+    monkeypatch.setattr(_arrow, "CHUNK_ROWS", 700)
+    n, d = 2_000, 3
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    table = pa.table(
+        {
+            "id": np.arange(n, dtype=np.int64),
+            "vector": list(X),
+            "year": pa.array(rng.integers(1990, 2030, n), type=pa.int32()),
+            "score": rng.standard_normal(n),
+            "flag": rng.random(n) < 0.3,
+            "kind": pa.array([f"k{i % 13}" for i in range(n)], type=pa.large_string()),
+            "raw": [bytes([i % 5]) for i in range(n)],
+            "a.b": np.arange(n),  # not reachable by a dotted path: indexed by neither
+            "big": pa.array(np.arange(n, dtype=np.uint64) + 2**62, type=pa.uint64()),
+        }
+    )
+    used: list[bool] = []
+    real = _columns.PayloadIndex.append
+
+    def spy(self: Any, start: int, payloads: Any, columns: Any = None) -> None:
+        used.append(columns is not None)
+        real(self, start, payloads, columns)
+
+    monkeypatch.setattr(_columns.PayloadIndex, "append", spy)
+    with iqdb.open_in_memory() as db, iqdb.open_in_memory() as ref:
+        db.upsert_arrow(table)
+        assert used == [True, True, True]
+        rows = table.to_pylist()
+        ref.upsert_many(
+            [r["id"] for r in rows],
+            X,
+            [{k: v for k, v in r.items() if k not in ("id", "vector")} for r in rows],
+        )
+        assert used[3:] == [False]
+        got, want = db._store._layout.fields, ref._store._layout.fields
+        assert got.n == want.n == n and sorted(got.columns) == sorted(want.columns)
+        for path, col in want.columns.items():
+            mine = got.columns[path]
+            for name in ("tags", "ints", "floats", "codes"):
+                np.testing.assert_array_equal(getattr(mine, name).view(0, n), getattr(col, name).view(0, n))
+            assert mine.values == col.values
+        for f in (
+            iqdb.Field("year") >= 2020,
+            (iqdb.Field("kind") == "k3") | (iqdb.Field("flag") == True),  # noqa: E712
+            iqdb.Field("raw") == b"\x02",
+            iqdb.Field("big") > 2**62 + 1500,
+            iqdb.Field("score").between(-0.5, 0.5),
+        ):
+            assert db.count(f) == ref.count(f) > 0, f
+            assert db.search(X[0], 20, "l2", filter=f) == ref.search(X[0], 20, "l2", filter=f)
+        # nulls in a chunk: the payloads' path
+        used.clear()
+        db.upsert_arrow(
+            pa.table({"id": [n + 1, n + 2], "vector": [X[0], X[1]], "year": pa.array([None, 7], pa.int64())})
+        )
+        assert used == [False] and db.count(iqdb.Field("year") == 7) == 1

@@ -608,7 +608,7 @@ def test_the_handle_in_memory_on_the_standin_answers_as_on_the_cpu(on_standin: N
 
 def test_a_durable_database_reopens_onto_the_standin(on_standin: None, tmp_path: Any) -> None:
     """Snapshot plus WAL tail, reopened on the device: the CPU's answers, and each live vector
-    (and its norm) uploaded once."""
+    (and its norms and id) uploaded once: the snapshot's by the open, the WAL's by the first search."""
     Q = np.eye(D, dtype=np.float32)
     answers = {}
     for device in ("cpu", "cuda"):
@@ -630,10 +630,14 @@ def test_a_durable_database_reopens_onto_the_standin(on_standin: None, tmp_path:
     print(f"\nreopen of {snap} snapshot rows and 10 in the WAL: {t_open.summary()}; searches {t.summary()}")
     for got, want in zip(answers["cuda"], answers["cpu"]):
         assert_same(got, want)
-    # Opening touches no device; the first search uploads every stored row once (vector, norms,
-    # id), the dead row once, and each search its queries.
-    assert (t_open.uploads, t_open.implicit) == (0, 0), t_open.sites("uploads")
-    assert t.upload_bytes == rows * (D * 4 + 24) + dead * 8 + len(METRICS) * Q.nbytes, t.sites("uploads")
+    # Opening uploads every snapshot row once (vector, norms, id), all through the page-locked
+    # buffers; the first search uploads the rows the WAL added, the dead row once, and each search
+    # its queries.
+    assert t_open.upload_bytes == snap * (D * 4 + 24), t_open.sites("uploads")
+    assert (t_open.pageable_upload_bytes, t_open.implicit, t_open.syncs) == (0, 0, 0), t_open.sites("uploads")
+    assert t.upload_bytes == (rows - snap) * (D * 4 + 24) + dead * 8 + len(METRICS) * Q.nbytes, t.sites(
+        "uploads"
+    )
     assert t.implicit == 0
 
 

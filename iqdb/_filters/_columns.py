@@ -119,8 +119,8 @@ class PathColumn:
 
 
 def _put(
-    col: PathColumn, rows: list[int], values: list[Any], end: int, tags: _Grow, ints: _Grow, floats: _Grow,
-    codes: _Grow,
+    col: PathColumn, rows: list[int] | npt.NDArray[np.int64], values: list[Any], end: int, tags: _Grow,
+    ints: _Grow, floats: _Grow, codes: _Grow,
 ) -> None:  # fmt: skip
     """Write one batch of values of one path (or one path's list elements) at ``rows``."""
     r = np.asarray(rows, dtype=np.int64)
@@ -171,8 +171,29 @@ class PayloadIndex:
         self.columns: dict[str, PathColumn] = {}
         self.n = 0  # rows indexed
 
-    def append(self, start: int, payloads: Iterable[Mapping[str, Any] | None]) -> None:
-        """Index the payloads of rows ``start, start + 1, ...`` (which must be ``self.n``)."""
+    def append(
+        self,
+        start: int,
+        payloads: Iterable[Mapping[str, Any] | None],
+        columns: Mapping[str, list[Any]] | None = None,
+    ) -> None:
+        """Index the payloads of rows ``start, start + 1, ...`` (which must be ``self.n``).
+
+        ``columns``, when given, holds the same payloads as columns of scalar values (payload
+        ``i`` is exactly ``{key: columns[key][i]}``): they are indexed column by column, with no
+        pass over the payloads."""
+        if columns:
+            n = len(next(iter(columns.values())))
+            at = np.arange(start, start + n, dtype=np.int64)
+            for path, vals in columns.items():
+                if "." in path:
+                    continue  # not reachable by a dotted path (as in _flatten)
+                col = self.columns.get(path)
+                if col is None:
+                    col = self.columns[path] = PathColumn()
+                _put(col, at, vals, start + n, col.tags, col.ints, col.floats, col.codes)
+            self.n = start + n
+            return
         values: dict[str, tuple[list[int], list[Any]]] = {}
         elements: dict[str, tuple[list[int], list[Any]]] = {}
         row = start
