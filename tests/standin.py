@@ -65,7 +65,7 @@ import numpy as np
 
 import iqdb
 import iqdb.kernels
-from iqdb.kernels import SERIAL, ArrayBackend
+from iqdb.kernels import GPU_PROFILE, SERIAL, ArrayBackend
 
 __all__ = ["Event", "Ledger", "StandinViolation", "Tally", "ledger", "ndarray", "standin_backend", "xp"]
 
@@ -1063,5 +1063,7 @@ xp = _namespace()
 
 def standin_backend() -> ArrayBackend:
     """An :class:`~iqdb.kernels.ArrayBackend` on the stand-in, as ``gpu_backend(0)`` builds one for
-    CuPy: ``asarray`` counts an upload, ``to_host`` a download (through ``xp``)."""
-    return ArrayBackend("cuda:0", xp, lambda: SERIAL, None, device_index=0, fixed_shape=True)
+    CuPy (the GPU's profile): ``asarray`` counts an upload, ``to_host`` a download (through ``xp``)."""
+    return ArrayBackend(
+        "cuda:0", xp, lambda: SERIAL, None, device_index=0, fixed_shape=True, profile=GPU_PROFILE
+    )
