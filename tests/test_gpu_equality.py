@@ -19,6 +19,8 @@ the number of records, deletes and replacements (up to a vacuum and through grow
 
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,18 +41,29 @@ Answer = Any  # what a search returned: (ids, scores) arrays, or result lists
 
 
 @pytest.fixture(
-    params=[pytest.param("standin", id="standin"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+    params=[
+        pytest.param("standin", id="standin"),
+        pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+        pytest.param("cuda-tiles", id="cuda-small-tiles", marks=pytest.mark.gpu),
+    ]
 )
 def gpu_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The ``device=`` spelling of the device under test (always ``"cuda"``).
 
     For ``standin``, handles opened with ``device="cuda"`` run on the stand-in and ``"cpu"`` stays
-    NumPy (as ``on_standin`` in test_standin.py does); for ``cuda`` nothing is patched.
+    NumPy (as ``on_standin`` in test_standin.py does); for ``cuda`` nothing is patched. A real GPU
+    sizes its score tiles from free memory (up to 1 GiB), so the stores here fit one tile; for
+    ``cuda-small-tiles`` the GPU profile keeps to the handle's working set instead, so the GPU
+    merges many tiles, as the stand-in does.
     """
     if request.param == "standin":
         monkeypatch.setattr(
             "iqdb._db.resolve_device", lambda device: cpu_backend() if device == "cpu" else standin_backend()
         )
+    elif request.param == "cuda-tiles":
+        import iqdb.kernels._backend as kb
+
+        monkeypatch.setattr(kb, "GPU_PROFILE", dataclasses.replace(kb.GPU_PROFILE, free_memory_divisor=None))
     return "cuda"
 
 
