@@ -222,3 +222,25 @@ def test_a_snapshot_with_payloads_opens_onto_the_device_as_on_the_cpu(
             got[device] = [(h.id, h.score, dict(h.payload or {})) for h in hits]
     assert got["cuda"] == got["cpu"]
     assert got["cpu"][0][0] == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [1 << 10, 1 << 20, None])
+def test_copy_rows_on_a_real_gpu(stage: int | None) -> None:
+    """The pinned double buffer with CuPy's own stream, events and ``ndarray.set``: every row
+    arrives, the host copy and the CRC are the CPU's."""
+    import cupy
+
+    from iqdb.kernels import gpu_backend
+
+    be = gpu_backend(0)
+    rng = np.random.default_rng(4)
+    for shape, dtype in (((30_001, 96), np.float32), ((30_001,), np.float64), ((77,), np.uint64)):
+        src = (rng.random(shape) * 1e6).astype(dtype)
+        host = np.empty_like(src)
+        with cupy.cuda.Device(0):
+            dev = cupy.empty(src.shape, dtype=src.dtype)
+        crc = copy_rows(be, src, host=host, device=dev, crc=0, stage_bytes=stage)
+        assert crc == zlib.crc32(src.tobytes())
+        np.testing.assert_array_equal(host, src)
+        np.testing.assert_array_equal(cupy.asnumpy(dev), src)
