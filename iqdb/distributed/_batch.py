@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._db import _check_k
+from .._coerce import _check_k
 from .._errors import InvalidArgument, InvalidConfig
 from .._values import DistanceMetric, as_matrix, coerce_metric
 from ._client import ShardReader, import_ray

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._db import _check_k, _length, coerce_ids, coerce_rows
+from .._coerce import _check_k, _length, coerce_ids, coerce_rows
 from .._errors import Closed, Corrupt, DimensionMismatch, InvalidArgument, InvalidConfig
 from .._payload import Payload
 from .._values import (
