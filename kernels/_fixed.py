@@ -121,14 +121,19 @@ def _block(
     cdtype = xp.float32
     Qc, tol = _coarse_query(xp, Q64, q_norm_sq, metric, cdtype, norm_bounds[1], d, wide=False)
     c = min(n, k + profile.margin)
-    tile = max(profile.min_tile_rows, working_set // (4 * mb) // 32 * 32)
+    # Tiles of whole 32-row words: each tile's share of the live-row bitset is whole words.
+    tile = -(-max(profile.min_tile_rows, working_set // (4 * mb) // 32 * 32) // 32) * 32
+    # Dead rows (deleted, or excluded by a filter) are excluded inside select_k by a bitset,
+    # not written into every tile as NaN (a scattered write of every dead row per query).
+    live = cand.live_bits(xp)
     tiler = _Tiler(xp, cand, Qc, metric, cdtype, min(tile, n), transposed=False, matvec=matvec)
     best_s = xp.full((mb, c), xp.nan, dtype=cdtype)
     best_r = xp.full((mb, c), -1, dtype=xp.int64)
     for t0 in range(0, n, tile):
         t1 = min(n, t0 + tile)
-        S = tiler.scores(t0, t1)  # (mb, t1 - t0); NaN for dead rows (and COSINE zero rows)
-        vals, col = select_k(xp, S, min(c, t1 - t0))
+        S = tiler.scores(t0, t1, mask_dead=False)  # (mb, t1 - t0); NaN for COSINE zero rows
+        allowed = None if live is None else live[t0 // 32 : -(-t1 // 32)]
+        vals, col = select_k(xp, S, min(c, t1 - t0), allowed)  # dead rows never kept
         pos = xp.where(col >= 0, col + t0, -1)
         # The kept ones first: on equal scores the earlier rows stay, as in one scan.
         both_s = xp.concatenate([best_s, vals], axis=1)

@@ -91,9 +91,7 @@ def _sample_bound(
     step = n // s
     sub = cand.subset(xp.arange(s, dtype=xp.int64) * step + step // 2, xp)
     # One contiguous copy of the sampled rows, shared by the workers (each takes some queries).
-    sub = _Candidates(
-        xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32, sub.dead, sub.dead_host
-    )
+    sub = _Candidates(xp.take(sub.X, sub.rows, axis=0), None, sub.norms, sub.norms32, sub.inv32, sub.dead)
     out = xp.empty(mb, dtype=cdtype)
     workers = min(parallel.workers, mb) if mb * s * d >= profile.min_work else 1
     cuts = [mb * w // workers for w in range(workers + 1)]

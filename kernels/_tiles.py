@@ -13,6 +13,7 @@ array namespace ``xp`` (NumPy or CuPy).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,17 @@ class _Candidates:
     norms32: Array
     inv32: Array | None  # 1/|x| as float32 (COSINE only); inf for a zero row
     dead: Array | None = None  # sorted candidate positions never to return (deleted rows)
-    # The same positions on the host: each tile finds its share with no device round trip.
-    dead_host: np.ndarray[Any, Any] | None = None
+
+    @functools.cached_property
+    def dead_host(self) -> np.ndarray[Any, Any] | None:
+        """:attr:`dead` on the host, so that each tile finds its share with no device round
+        trip: one download, on first use (the fixed-shape driver's scan excludes dead rows by
+        a bitset on the device and never needs it)."""
+        dead = self.dead
+        if dead is None or isinstance(dead, np.ndarray):
+            return dead
+        host: np.ndarray[Any, Any] = dead.get()
+        return host
 
     @property
     def n(self) -> int:
@@ -69,6 +79,18 @@ class _Candidates:
         else:
             S[:, hit] = np.nan
 
+    def live_bits(self, xp: Any) -> Array | None:
+        """A bitset of the candidates that are not dead (uint32 words; position ``p`` is bit
+        ``p & 31`` of word ``p >> 5``; ``ceil(n / 32)`` words, bits past ``n`` clear), as
+        :func:`~iqdb.kernels._select.select_k` takes it; ``None`` when none is dead. Built on
+        the device from :attr:`dead`: no transfer."""
+        if self.dead is None:
+            return None
+        live = xp.ones(-(-self.n // 32) * 32, dtype=bool)
+        live[self.n :] = False
+        live[self.dead] = False
+        return xp.packbits(live, bitorder="little").view(xp.uint32)
+
     def live_positions(self, xp: Any) -> Array:
         """Every candidate position that is not dead, ascending."""
         pos = xp.arange(self.n, dtype=xp.int64)
@@ -95,7 +117,6 @@ class _Candidates:
             self.norms32[pos],
             inv,
             dead,
-            _on_host(xp, dead),
         )
 
 
@@ -139,9 +160,7 @@ def search_candidates(
             inv_norms32 = (1.0 / xp.sqrt(norms_sq)).astype(xp.float32)
     if dead is not None and dead.shape[0] == 0:
         dead = None
-    cand = _Candidates(
-        X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead, _on_host(xp, dead)
-    )
+    cand = _Candidates(X, None, norms_sq, norms32, inv_norms32 if metric == "cosine" else None, dead)
     return cand if rows is None else cand.subset(rows, xp)
 
 
@@ -199,11 +218,13 @@ class _Tiler:
         with np.errstate(divide="ignore"):
             return (1.0 / xp.sqrt(c.norms[t0:t1])).astype(self.cdtype)
 
-    def scores(self, t0: int, t1: int) -> Array:
+    def scores(self, t0: int, t1: int, mask_dead: bool = True) -> Array:
         """Coarse scores of candidates ``t0:t1`` against the block (a view of the buffer):
-        ``(t1 - t0, m)`` when :attr:`transposed`, else ``(m, t1 - t0)``; NaN for dead rows."""
+        ``(t1 - t0, m)`` when :attr:`transposed`, else ``(m, t1 - t0)``; NaN for dead rows
+        (left as computed with ``mask_dead=False``, for a caller that excludes them itself)."""
         S = self._scores(t0, t1)
-        self.cand.mask_dead(self.xp, S, t0, t1, 0 if self.transposed else 1)
+        if mask_dead:
+            self.cand.mask_dead(self.xp, S, t0, t1, 0 if self.transposed else 1)
         return S
 
     def _scores(self, t0: int, t1: int) -> Array:

@@ -20,7 +20,6 @@ the number of records, deletes and replacements (up to a vacuum and through grow
 from __future__ import annotations
 
 import dataclasses
-
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -221,21 +221,21 @@ def test_max_block_sets_the_query_blocks_of_both_drivers(monkeypatch: pytest.Mon
 
 
 def test_min_tile_rows_and_the_working_set_set_the_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fixed driver's tiles: ``working_set / (4 m)`` rows, at least ``min_tile_rows``; with no
-    working set given, the profile's."""
+    """The fixed driver's tiles: ``working_set / (4 m)`` rows, at least ``min_tile_rows``, in whole
+    32-row words (the live-row bitset's); with no working set given, the profile's."""
     tiles: list[int] = []
     scores = _fixed._Tiler.scores
 
-    def spy(self: Any, t0: int, t1: int) -> Any:
+    def spy(self: Any, t0: int, t1: int, **kw: Any) -> Any:
         tiles.append(t1 - t0)
-        return scores(self, t0, t1)
+        return scores(self, t0, t1, **kw)
 
     monkeypatch.setattr(_fixed._Tiler, "scores", spy)
     X, norms, ids, _ = dataset()
     Q = queries(8, seed=2)
     for profile, ws, want in (
         (dataclasses.replace(CPU_PROFILE, min_tile_rows=100), 4096, 128),  # 4096 / (4 x 8) rows
-        (dataclasses.replace(CPU_PROFILE, min_tile_rows=2000), 4096, 2000),
+        (dataclasses.replace(CPU_PROFILE, min_tile_rows=2000), 4096, 2016),  # whole words
         (dataclasses.replace(CPU_PROFILE, min_tile_rows=1, working_set=32 * 320), None, 320),
     ):
         tiles.clear()
