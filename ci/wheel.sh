@@ -83,12 +83,12 @@ PY
 "$py" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel[test]"
 
-# The tests and the files they read (the README, the examples, the docs' pages, the CUDA
-# sources), nothing of iqdb's own code.
+# The tests and the files they read (the README, the examples, the docs' pages, the benchmark
+# scripts, the CUDA sources), nothing of iqdb's own code.
 mkdir -p "$work/run/kernels"
 cp -r tests "$work/run/tests"
 cp README.md pyproject.toml "$work/run/"
-cp -r examples docs "$work/run/"
+cp -r examples docs bench "$work/run/"
 cp -r kernels/cuda "$work/run/kernels/cuda"
 find "$work/run" -name __pycache__ -prune -exec rm -rf {} +
 cd "$work/run"
