@@ -435,9 +435,7 @@ def upsert_arrow(
     bar = Progress(progress, total)
     bar.start()
     done = 0
-    if total:
-        db._expect_rows(total)  # the store grows once, not 1.2x at a time
-    try:
+    with db._bulk(total):  # one growth and one compaction at most, whatever the size
         for batch in reader:
             for lo in range(0, batch.num_rows, CHUNK_ROWS):
                 chunk = batch.slice(lo, CHUNK_ROWS)
@@ -451,9 +449,6 @@ def upsert_arrow(
                     db.upsert_many(ids, vectors, payloads)
                 done += chunk.num_rows
                 bar.advance(chunk.num_rows)
-    finally:
-        if total:
-            db._expect_rows(0)
     return done
 
 

@@ -19,12 +19,13 @@ a writer gives up the GIL after each write so that a tight write loop cannot sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -89,6 +90,7 @@ class Iqdb:
         self._searching = self._searcher.searching  # one entry per search in flight
         self._broken: BaseException | None = None  # a failed write could not be undone
         self._yielded = 0.0  # when a write last handed the GIL to the searches
+        self._bulk_depth = 0  # bulk imports running: automatic compaction waits for their end
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -279,12 +281,8 @@ class Iqdb:
             except BaseException as exc:
                 self._undo(ticket, exc)
                 raise
-            if self._backend.wants_compaction():
-                try:
-                    self._backend.compact(store)
-                except StorageError as exc:
-                    # The write itself succeeded and is in the WAL, which stays the truth.
-                    log.warning("iqdb: automatic compaction failed: %s", exc)
+            if not self._bulk_depth:
+                self._compact_if_wanted()
         self._backend.commit(ticket)
         if self._searching and YIELD_EVERY is not None:
             # Hand the GIL to the searches now rather than at the end of the interpreter's
@@ -294,6 +292,34 @@ class Iqdb:
                 time.sleep(0)
                 self._yielded = time.perf_counter()
         return result
+
+    def _compact_if_wanted(self) -> None:
+        """Compact if the WAL has outgrown its limit (as the writer)."""
+        if self._backend.wants_compaction():
+            try:
+                self._backend.compact(self._store)
+            except StorageError as exc:
+                # The writes themselves succeeded and are in the WAL, which stays the truth.
+                log.warning("iqdb: automatic compaction failed: %s", exc)
+
+    @contextlib.contextmanager
+    def _bulk(self, rows: int | None) -> Iterator[None]:
+        """A bulk import: the store makes room for ``rows`` more records at once (when known:
+        one growth, not one per 1.2x), and automatic compaction waits for the end: one snapshot
+        then, instead of one per ``wal_limit`` of imported bytes, each rewriting the whole
+        database (an import's cost would grow with the square of its size)."""
+        with self._wlock:
+            self._bulk_depth += 1
+            if rows:
+                self._store.expect(rows)
+        try:
+            yield
+        finally:
+            with self._wlock:
+                self._bulk_depth -= 1
+                self._store.expect(0)
+                if not self._bulk_depth and not self._closed:
+                    self._compact_if_wanted()
 
     def _undo(self, ticket: Any, exc: BaseException) -> None:
         """A logged write failed to apply (say, MemoryError): take it out of the log and of
@@ -383,11 +409,6 @@ class Iqdb:
         rows = coerce_rows(ids, vectors, payloads, adopt=True)
         if rows is not None:
             self._upsert_rows(*rows, columns)
-
-    def _expect_rows(self, rows: int) -> None:
-        """Tell the store that about ``rows`` more records are coming (see ``ColumnStore.expect``)."""
-        with self._wlock:
-            self._store.expect(rows)
 
     def _upsert_rows(
         self,

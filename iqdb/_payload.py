@@ -337,13 +337,51 @@ _D = struct.Struct("<d")
 _I = struct.Struct("<I")
 
 
+_PACK_I, _PACK_Q, _PACK_D = _I.pack, _Q.pack, _D.pack
+_TAG_INT, _TAG_FLOAT, _TAG_STR = bytes([_INT]), bytes([_FLOAT]), bytes([_STR])
+_KEY_HEADS: dict[str, bytes] = {}  # a key's length and UTF-8 bytes, for the keys seen most
+_KEY_HEADS_MAX = 4096
+
+
+def _key_head(key: str) -> bytes:
+    raw = key.encode("utf-8")
+    head = _PACK_I(len(raw)) + raw
+    if len(_KEY_HEADS) < _KEY_HEADS_MAX:
+        _KEY_HEADS[key] = head  # a race only computes a head twice
+    return head
+
+
 def encode_payload(payload: Payload | None) -> bytes | None:
-    """The binary form of a payload; ``None`` stays ``None`` (distinct from an empty payload)."""
+    """The binary form of a payload; ``None`` stays ``None`` (distinct from an empty payload).
+
+    The bytes are :func:`_encode_into`'s, which defines the form; the top level is written here
+    without its per-value dispatch (strings, ints and floats inline, keys' heads cached), as a
+    bulk write or a compaction encodes every record."""
     if payload is None:
         return None
-    out = bytearray()
-    _encode_into(payload._items, out)
-    return bytes(out)
+    items = payload._items
+    out = [bytes([_DICT]), _PACK_I(len(items))]
+    add = out.append
+    heads = _KEY_HEADS
+    for key, value in items.items():
+        add(heads.get(key) or _key_head(key))
+        t = type(value)
+        if t is str:
+            raw = value.encode("utf-8")  # type: ignore[union-attr]
+            add(_TAG_STR)
+            add(_PACK_I(len(raw)))
+            add(raw)
+        elif t is int:
+            add(_TAG_INT)
+            add(_PACK_Q(value))
+        elif t is float:
+            add(_TAG_FLOAT)
+            add(_PACK_D(value))
+        else:
+            rest = bytearray()
+            _encode_into(value, rest)
+            add(bytes(rest))
+    return b"".join(out)
 
 
 def _encode_into(value: PayloadValue, out: bytearray) -> None:

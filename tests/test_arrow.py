@@ -741,3 +741,43 @@ def test_scalar_columns_index_as_the_payloads_do(monkeypatch: pytest.MonkeyPatch
             pa.table({"id": [n + 1, n + 2], "vector": [X[0], X[1]], "year": pa.array([None, 7], pa.int64())})
         )
         assert used == [False] and db.count(iqdb.Field("year") == 7) == 1
+
+
+def test_a_durable_import_compacts_once_at_its_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Automatic compaction waits for the end of an import: one snapshot, not one per
+    ``wal_limit`` of imported bytes (each rewriting the whole database); a stream of unknown
+    length too. The records are all there after a reopen, and a failing import still compacts
+    what it wrote."""
+    from iqdb._durable import DurableBackend
+
+    monkeypatch.setattr(_arrow, "CHUNK_ROWS", 500)
+    n, d = 5_000, 8
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    table = pa.table({"id": np.arange(n, dtype=np.uint64), "vector": list(X), "year": np.arange(n) % 9})
+    compactions: list[int] = []
+    real = DurableBackend.compact
+
+    def spy(self: Any, store: Any) -> None:
+        compactions.append(len(store))
+        real(self, store)
+
+    monkeypatch.setattr(DurableBackend, "compact", spy)
+    with iqdb.open(tmp_path / "a", wal_limit=64 << 10) as db:
+        db.upsert_arrow(table)
+        assert compactions == [n]  # the WAL passed its limit many times over: one compaction
+        compactions.clear()
+        for lo in range(0, n, 500):  # the same writes one by one: a compaction per limit
+            db.upsert_many(np.arange(lo, lo + 500) + n, X[lo : lo + 500])
+        assert len(compactions) >= 3
+    with iqdb.open(tmp_path / "b", wal_limit=64 << 10) as db:
+        compactions.clear()
+        db.upsert_arrow(pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=700)))
+        assert compactions == [n]
+        # A null id in the third chunk: the first two are written (and durable), the rest not.
+        bad = pa.table({"id": pa.array([*range(n, n + 1200), None], pa.int64()), "vector": list(X[:1201])})
+        with pytest.raises(iqdb.InvalidArgument, match="row 1200"):
+            db.upsert_arrow(bad)
+        assert db._bulk_depth == 0 and db._store._expected == 0
+    with iqdb.open(tmp_path / "b") as db:
+        assert len(db) == n + 1000 and db.get(n + 999) is not None and db.get(n + 1000) is None

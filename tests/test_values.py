@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import iqdb
 from iqdb import (
@@ -979,3 +981,37 @@ def test_invalid_vector_carries_its_reason() -> None:
     err = InvalidVector(NON_FINITE)
     assert err.reason == NON_FINITE
     assert NON_FINITE in str(err)
+
+
+_payload_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.binary(max_size=6),
+)
+_payload_values = st.recursive(
+    _payload_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=5), _payload_values, max_size=6))
+def test_the_fast_payload_encoder_writes_the_defining_form(items: dict[str, Any]) -> None:
+    """``encode_payload`` inlines the top level (strings, ints, floats; cached key heads): its bytes
+    are exactly those of the recursive ``_encode_into`` that defines the binary form, and decode
+    back to the payload."""
+    from iqdb._payload import _encode_into, decode_payload, encode_payload
+
+    p = Payload(items)
+    want = bytearray()
+    _encode_into(p._items, want)
+    got = encode_payload(p)
+    assert got == bytes(want)
+    back = decode_payload(got)
+    assert back is not None and encode_payload(back) == got
