@@ -343,9 +343,11 @@ class DurableBackend:
             log.warning("iqdb: could not remove %s; the next open removes it", self.tmp_path)
 
     def close(self, store: ColumnStore) -> None:
-        """Compact (unless readonly or poisoned), then release the files and the lock."""
+        """Compact (unless readonly or poisoned, or nothing was logged since the snapshot: an
+        empty WAL and a snapshot on disk), then release the files and the lock."""
         try:
-            if not self.readonly and self.poisoned is None:
+            current = self._wal_size == 0 and self.fs.exists(self.snap_path)
+            if not self.readonly and self.poisoned is None and not current:
                 self.compact(store)
         finally:
             self._release()

@@ -839,3 +839,28 @@ def test_check_reports_corruption(tmp_path: Path) -> None:
     drop(db)
     with pytest.raises(Corrupt):
         iqdb.open(tmp_path)
+
+
+def test_closing_after_reads_only_does_not_rewrite_the_snapshot(tmp_path: Path) -> None:
+    """A handle that wrote nothing since the last compaction (its WAL is empty) closes without
+    rewriting the snapshot: open, search, close costs no snapshot write. A write since then
+    compacts as before."""
+    path = tmp_path / "db"
+    X = np.random.default_rng(2).standard_normal((300, 4)).astype(np.float32)
+    with iqdb.open(path) as db:
+        db.upsert_many(np.arange(300), X)
+    snap = path / "snap"
+    first = (snap.stat().st_ino, snap.stat().st_mtime_ns)
+    with iqdb.open(path, readonly=True) as ro:
+        gen = ro.check()["snapshot"]["generation"]
+    with iqdb.open(path) as db:
+        assert db.search(X[3], 1, "l2")[0].id == 3
+        db.compact()  # an explicit compaction still writes one
+        second = (snap.stat().st_ino, snap.stat().st_mtime_ns)
+        assert second != first
+    assert (snap.stat().st_ino, snap.stat().st_mtime_ns) == second  # the close wrote nothing
+    with iqdb.open(path) as db:
+        db.delete(7)
+    with iqdb.open(path, readonly=True) as db:
+        assert db.check()["snapshot"]["generation"] == gen + 2 and len(db) == 299
+        assert os.path.getsize(path / "wal") == 0
