@@ -129,11 +129,11 @@ def _reader(data: object) -> tuple[pa.RecordBatchReader, int | None]:
     )
 
 
-def _refusal(t: pa.DataType) -> str | None:
-    """Why a payload column of type ``t`` cannot be stored (recursively), or ``None``."""
-    if (
-        pa.types.is_null(t)
-        or pa.types.is_boolean(t)
+def _scalar(t: pa.DataType) -> bool:
+    """Whether Arrow gives a column of this type as scalar payload values (bool, int, float, str
+    or bytes: no list, no dict)."""
+    return bool(
+        pa.types.is_boolean(t)
         or pa.types.is_integer(t)
         or pa.types.is_floating(t)
         or pa.types.is_string(t)
@@ -142,7 +142,12 @@ def _refusal(t: pa.DataType) -> str | None:
         or pa.types.is_large_binary(t)
         or pa.types.is_fixed_size_binary(t)
         or t in (pa.string_view(), pa.binary_view())
-    ):
+    )
+
+
+def _refusal(t: pa.DataType) -> str | None:
+    """Why a payload column of type ``t`` cannot be stored (recursively), or ``None``."""
+    if pa.types.is_null(t) or _scalar(t):
         return None
     if (
         pa.types.is_list(t)
@@ -334,19 +339,6 @@ def _decode_value(raw: bytes, column: str, row: int) -> PayloadValue:
             f"payload column {column!r} (row {row}) is marked iqdb-encoded but does not decode"
         ) from None
     return value
-
-
-def _scalar(t: pa.DataType) -> bool:
-    """Whether Arrow gives a column of this type as scalar payload values (no list, no dict)."""
-    return bool(
-        pa.types.is_integer(t)
-        or pa.types.is_floating(t)
-        or pa.types.is_boolean(t)
-        or pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-    )
 
 
 Payloads = list[dict[str, Any] | None]
