@@ -422,9 +422,77 @@ def _encode_into(value: PayloadValue, out: bytearray) -> None:
 
 
 def decode_payload(data: bytes | memoryview | None) -> Payload | None:
-    """Inverse of :func:`encode_payload`; raises :class:`Corrupt` on malformed bytes."""
+    """Inverse of :func:`encode_payload`; raises :class:`Corrupt` on malformed bytes.
+
+    The top level is read inline (strings, ints, floats, bools and None; key strings cached),
+    as an open decodes every record of a snapshot; anything else, and any bytes that do not
+    read cleanly that way, take the defining recursive reader (:func:`_decode_at`), which also
+    gives the errors."""
     if data is None:
         return None
+    raw = data if type(data) is bytes else bytes(data)
+    try:
+        items = _decode_top(raw)
+    except (struct.error, IndexError, UnicodeDecodeError, RecursionError, Corrupt):
+        items = None
+    if items is not None:
+        return Payload._trusted(items)
+    return _decode_checked(raw)
+
+
+_UNPACK_I, _UNPACK_Q, _UNPACK_D = _I.unpack_from, _Q.unpack_from, _D.unpack_from
+_KEY_STRS: dict[bytes, str] = {}  # a key's UTF-8 bytes -> the key, for the keys seen most
+
+
+def _key_str(raw: bytes) -> str:
+    key = raw.decode("utf-8")
+    if len(_KEY_STRS) < _KEY_HEADS_MAX:
+        _KEY_STRS[raw] = key
+    return key
+
+
+def _decode_top(buf: bytes) -> dict[str, PayloadValue] | None:
+    """:func:`decode_payload`'s fast path: the top-level mapping, or ``None`` when the bytes are
+    not one that reads cleanly (the caller then takes the recursive reader)."""
+    end = len(buf)
+    if end < 5 or buf[0] != _DICT:
+        return None
+    (count,) = _UNPACK_I(buf, 1)
+    pos = 5
+    out: dict[str, PayloadValue] = {}
+    keys = _KEY_STRS
+    for _ in range(count):
+        (klen,) = _UNPACK_I(buf, pos)
+        pos += 4
+        if pos + klen >= end:
+            return None
+        kraw = buf[pos : pos + klen]
+        key = keys.get(kraw) or _key_str(kraw)
+        pos += klen
+        tag = buf[pos]
+        if tag == _STR:
+            (slen,) = _UNPACK_I(buf, pos + 1)
+            pos += 5
+            if pos + slen > end:
+                return None
+            out[key] = buf[pos : pos + slen].decode("utf-8")
+            pos += slen
+        elif tag == _INT:
+            out[key] = _UNPACK_Q(buf, pos + 1)[0]
+            pos += 9
+        elif tag == _FLOAT:
+            out[key] = _UNPACK_D(buf, pos + 1)[0]
+            pos += 9
+        elif tag in (_TRUE, _FALSE, _NONE):
+            out[key] = True if tag == _TRUE else False if tag == _FALSE else None
+            pos += 1
+        else:
+            out[key], pos = _decode_at(memoryview(buf), pos, 1)
+    return out if pos == end else None
+
+
+def _decode_checked(data: bytes) -> Payload:
+    """The recursive reader over a whole payload, with its errors as :class:`Corrupt`."""
     view = memoryview(data)
     try:
         value, end = _decode_at(view, 0, 0)

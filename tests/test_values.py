@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import pickle
+import struct
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -1015,3 +1016,60 @@ def test_the_fast_payload_encoder_writes_the_defining_form(items: dict[str, Any]
     assert got == bytes(want)
     back = decode_payload(got)
     assert back is not None and encode_payload(back) == got
+
+
+def _decode_reference(raw: bytes) -> Any:
+    """The defining recursive reader over the whole payload: ``("ok", items)`` or ``("corrupt",
+    message)``."""
+    from iqdb._payload import _decode_checked
+
+    try:
+        return ("ok", _decode_checked(raw)._items)
+    except Corrupt as exc:
+        return ("corrupt", str(exc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=5), _payload_values, max_size=6),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+    st.integers(-3, 3),
+)
+def test_the_fast_payload_decoder_reads_as_the_defining_form(
+    items: dict[str, Any], flips: list[tuple[int, int]], cut: int
+) -> None:
+    """``decode_payload`` reads the top level inline: on the encoding of any payload, and on any
+    damage to it (bytes overwritten, cut short or extended), it answers exactly what the
+    recursive reader answers: the same items, or ``Corrupt`` with the same message."""
+    from iqdb._payload import decode_payload, encode_payload
+
+    good = encode_payload(Payload(items))
+    assert good is not None
+    variants = [good]
+    damaged = bytearray(good)
+    for at, value in flips:
+        damaged[at % len(damaged)] = value
+    variants.append(bytes(damaged))
+    variants.append(good[:cut] if cut < 0 else good + bytes(cut))
+    for raw in variants:
+        want = _decode_reference(raw)
+        try:
+            got: Any = ("ok", decode_payload(raw)._items)  # type: ignore[union-attr]
+        except Corrupt as exc:
+            got = ("corrupt", str(exc))
+        assert got[0] == want[0] and ((got[0] == "corrupt" and got == want) or _same(got[1], want[1]))
+        if raw is good:
+            assert got[0] == "ok" and _same(got[1], Payload(items)._items)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that tells types apart and NaN from NaN (float bits)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
