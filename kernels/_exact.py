@@ -80,14 +80,18 @@ def canonical_sum(xp: Any, terms: Array) -> Array:
     return terms[0] + 0.0
 
 
-def _order(xp: Any, scores: Array, row_ids: Array) -> Array:
+def _order(xp: Any, scores: Array, row_ids: Array, fixed_shape: bool = False) -> Array:
     """Per-row order by (score, id), NaN scores last (by id among themselves): the contract's
     result order.
 
     One sort by score; only the rows holding equal scores (or NaNs) are sorted again, id first
     and then stably by score (NumPy and CuPy both sort NaN last; a stacked lexsort would cast
-    uint64 ids to float64 and lose precision).
+    uint64 ids to float64 and lose precision). With ``fixed_shape`` (a device, where finding
+    the tied rows is a host sync), every row is sorted twice: stably by id, then by score.
     """
+    if fixed_shape:
+        by_id = xp.argsort(row_ids, axis=1, kind="stable")
+        return _rows_take(xp, by_id, xp.argsort(_rows_take(xp, scores, by_id), axis=1, kind="stable"))
     order = xp.argsort(scores, axis=1)
     ranked = _rows_take(xp, scores, order)
     tied = xp.flatnonzero(xp.any((ranked[:, 1:] == ranked[:, :-1]) | xp.isnan(ranked[:, 1:]), axis=1))
@@ -108,11 +112,28 @@ def _finalize(
     count: int,
     finalize_bytes: int,
 ) -> tuple[Array, Array]:
-    """Exact scores for the kept candidates, then order by (score, id), NaN last, and cut.
+    """:func:`exact_ranked`, then a query left with fewer than ``count`` non-NaN results is
+    completed by the rows whose score is NaN, by id (:func:`fill_nan_rows`)."""
+    rows, scores, have = exact_ranked(xp, cand, ids, Q64, rows_in, metric, count, finalize_bytes)
+    fill_nan_rows(xp, cand, ids, Q64, rows, scores, have, have < count, metric, count)
+    return rows, scores
 
-    Placeholders (row -1) score NaN and sort last; a query left with fewer than ``count``
-    non-NaN results is completed by the rows whose score is NaN, by id (:func:`fill_nan_rows`).
-    """
+
+def exact_ranked(
+    xp: Any,
+    cand: _Candidates,
+    ids: Array,
+    Q64: Array,
+    rows_in: Array,
+    metric: str,
+    count: int,
+    finalize_bytes: int,
+    fixed_shape: bool = False,
+) -> tuple[Array, Array, Array]:
+    """Exact scores of each query's kept candidates (``rows_in``: rows of ``X``, -1 for a
+    placeholder), ordered by (score, id), NaN last, and cut to ``count``: ``(rows, scores,
+    have)``, ``have`` the non-NaN scores per query. Placeholders score NaN and sort last.
+    ``fixed_shape``: no step with a data-dependent size (see :func:`_order`)."""
     valid = rows_in >= 0
     safe_rows = xp.where(valid, rows_in, 0)
     # Gathered in pieces of at most ``finalize_bytes`` as float64 (so memory stays bounded for any
@@ -124,12 +145,10 @@ def _finalize(
         A = xp.take(cand.X, safe_rows[:, j0 : j0 + width], axis=0)
         exact[:, j0 : j0 + width] = exact_scores(xp, metric, A, Q64[:, None, :])
     scores = xp.where(valid, exact, xp.nan)
-    order = _order(xp, scores, ids[safe_rows])[:, :count]
+    order = _order(xp, scores, ids[safe_rows], fixed_shape)[:, :count]
     rows = _rows_take(xp, safe_rows, order)
     scores = _rows_take(xp, scores, order)
-    have = count - xp.sum(xp.isnan(scores), axis=1)
-    fill_nan_rows(xp, cand, ids, Q64, rows, scores, have, have < count, metric, count)
-    return rows, scores
+    return rows, scores, count - xp.sum(xp.isnan(scores), axis=1)
 
 
 def fill_nan_rows(

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._exact import exact_scores, fill_nan_rows, rescan_rows
+from ._exact import exact_ranked, fill_nan_rows, rescan_rows
 from ._flat import SearchOutput, _coarse_query, flat_topk, wide_norms
 from ._parallel import SERIAL, Parallel
 from ._profile import CPU_PROFILE, Profile
@@ -80,7 +80,7 @@ def fixed_topk(
         return SearchOutput(out_rows, out_scores, count)
     if norm_bounds is None:
         lo_hi = xp.stack([xp.min(xp.where(cand.norms > 0, cand.norms, xp.inf)), xp.max(cand.norms)])
-        lo, hi = (float(v) for v in _on_host(xp, lo_hi).tolist())  # type: ignore[union-attr]
+        lo, hi = (float(v) for v in _on_host(lo_hi).tolist())
         norm_bounds = (lo, hi) if hi > 0 else (1.0, 0.0)
     block = -(-m // -(-m // profile.max_block))
     for q0 in range(0, m, block):
@@ -115,7 +115,7 @@ def _block(
     q_norm_sq = xp.sum(Q64 * Q64, axis=1)
     # Sync 1: the query norms' range, which decides whether float32 products are safe.
     q_range = xp.stack([xp.min(xp.where(q_norm_sq > 0, q_norm_sq, xp.inf)), xp.max(q_norm_sq)])
-    q_lo, q_hi = (float(v) for v in _on_host(xp, q_range).tolist())  # type: ignore[union-attr]
+    q_lo, q_hi = (float(v) for v in _on_host(q_range).tolist())
     if wide_norms(norm_bounds, q_lo, q_hi):
         return None, None
     cdtype = xp.float32
@@ -149,23 +149,12 @@ def _block(
     if c >= cand.n_live:
         safe = xp.ones(mb, dtype=bool)
     valid = (best_r >= 0) & ~xp.isnan(best_s)
-    x_rows = cand.row_index(0, xp.where(valid, best_r, 0), xp)
-    exact = xp.empty((mb, c), dtype=xp.float64)
-    width = max(1, profile.finalize_bytes // (8 * d * mb))
-    for j0 in range(0, c, width):
-        A = xp.take(cand.X, x_rows[:, j0 : j0 + width], axis=0)
-        exact[:, j0 : j0 + width] = exact_scores(xp, metric, A, Q64[:, None, :])
-    scores = xp.where(valid, exact, xp.nan)
-    # Order by (score, id), NaN last: stably by id, then stably by score.
-    by_id = xp.argsort(ids[x_rows], axis=1, kind="stable")
-    by_score = xp.argsort(_rows_take(xp, scores, by_id), axis=1, kind="stable")
-    order = _rows_take(xp, by_id, by_score)[:, :count]
-    rows_out = _rows_take(xp, x_rows, order)
-    scores_out = _rows_take(xp, scores, order)
-    have = count - xp.sum(xp.isnan(scores_out), axis=1)
+    x_rows = xp.where(valid, cand.row_index(0, xp.where(valid, best_r, 0), xp), -1)
+    rows_out, scores_out, have = exact_ranked(
+        xp, cand, ids, Q64, x_rows, metric, count, profile.finalize_bytes, fixed_shape=True
+    )
     # Sync 2: which queries need more (rare).
-    flags = _on_host(xp, xp.stack([~safe, have < count]))
-    assert flags is not None
+    flags = _on_host(xp.stack([~safe, have < count]))
     if flags[1].any():  # the queries the margin settles but that lack non-NaN scores, at once
         fill_nan_rows(xp, cand, ids, Q64, rows_out, scores_out, have, (have < count) & safe, metric, count)
     if flags[0].any():  # near-ties at the k-th place: those queries are re-scanned, at once

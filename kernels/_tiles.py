@@ -46,11 +46,7 @@ class _Candidates:
         """:attr:`dead` on the host, so that each tile finds its share with no device round
         trip: one download, on first use (the fixed-shape driver's scan excludes dead rows by
         a bitset on the device and never needs it)."""
-        dead = self.dead
-        if dead is None or isinstance(dead, np.ndarray):
-            return dead
-        host: np.ndarray[Any, Any] = dead.get()
-        return host
+        return None if self.dead is None else _on_host(self.dead)
 
     @property
     def n(self) -> int:
@@ -133,11 +129,9 @@ def _nan_to_inf(xp: Any, a: Array) -> Array:
     return xp.where(xp.isnan(a), xp.inf, a)
 
 
-def _on_host(xp: Any, a: Array | None) -> np.ndarray[Any, Any] | None:
-    """A host copy of a small index array (one download on a GPU; none on the CPU)."""
-    if a is None:
-        return None
-    host: np.ndarray[Any, Any] = a if xp is np else a.get()
+def _on_host(a: Array) -> np.ndarray[Any, Any]:
+    """A small array on the host: itself on the CPU, a download (and a sync) from a device."""
+    host: np.ndarray[Any, Any] = a if isinstance(a, np.ndarray) else a.get()
     return host
 
 
