@@ -69,7 +69,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._errors import Corrupt, InvalidArgument, InvalidVector
-from ._payload import PayloadValue, _decode_at, _encode_into
+from ._payload import PayloadColumns, PayloadValue, _decode_at, _encode_into
 from ._progress import Progress
 from ._search import NO_ID
 
@@ -342,10 +342,9 @@ def _decode_value(raw: bytes, column: str, row: int) -> PayloadValue:
 
 
 Payloads = list[dict[str, Any] | None]
-Columns = dict[str, list[Any]]
 
 
-def _payloads(batch: pa.RecordBatch, plan: _Plan, base: int) -> tuple[Payloads | None, Columns | None]:
+def _payloads(batch: pa.RecordBatch, plan: _Plan, base: int) -> tuple[Payloads | None, PayloadColumns | None]:
     """The chunk's payloads (one Python object per row is the one thing built per row), and the
     same as columns ``{key: values}`` when every row has every key and every value is a scalar."""
     if not plan.payload and plan.empty_marker is None:

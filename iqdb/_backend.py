@@ -19,7 +19,7 @@ from typing import Any, Protocol, Union
 import numpy as np
 import numpy.typing as npt
 
-from ._payload import Payload
+from ._payload import Payload, PayloadColumns
 from ._store import ColumnStore
 
 __all__ = [
@@ -46,7 +46,7 @@ class UpsertOp:
     ids: npt.NDArray[np.uint64]
     vectors: npt.NDArray[np.float32]
     payloads: list[Payload | None]
-    columns: dict[str, list[Any]] | None = field(default=None, compare=False)
+    columns: PayloadColumns | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

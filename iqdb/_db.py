@@ -37,7 +37,7 @@ from ._coerce import _check_k, _check_path, _check_working_set, _length, coerce_
 from ._device import device_queries, resolve_device
 from ._errors import Closed, InvalidArgument, InvalidConfig, Poisoned, StorageError
 from ._filters import FilterLike, coerce_filter
-from ._payload import Payload
+from ._payload import Payload, PayloadColumns
 from ._search import Searcher, Where, as_arrays, as_device_arrays, as_results, coerce_where, live_mask
 from ._store import ColumnStore, Version
 from ._values import (
@@ -398,7 +398,7 @@ class Iqdb:
         ids: object,
         vectors: object,
         payloads: Sequence[dict[str, Any] | None] | None,
-        columns: dict[str, list[Any]] | None = None,
+        columns: PayloadColumns | None = None,
     ) -> None:
         """:meth:`upsert_many` for a caller whose payloads are fresh dicts of canonical values
         (iqdb's own Arrow import builds them from Arrow's types): they are adopted as they are,
@@ -415,7 +415,7 @@ class Iqdb:
         id_arr: npt.NDArray[np.uint64],
         matrix: npt.NDArray[np.float32],
         plist: list[Payload | None],
-        columns: dict[str, list[Any]] | None = None,
+        columns: PayloadColumns | None = None,
     ) -> None:
         # A repeated id: the last row wins.
         op = UpsertOp(np.ascontiguousarray(id_arr), np.ascontiguousarray(matrix), plist, columns)

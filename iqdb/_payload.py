@@ -31,6 +31,9 @@ __all__ = ["Payload", "PayloadValue"]
 PayloadValue = Union[None, bool, int, float, str, bytes, list["PayloadValue"], dict[str, "PayloadValue"]]  # noqa: UP007
 """The type of a payload value (recursive)."""
 
+PayloadColumns = dict[str, list[Any]]
+"""A batch's payloads as columns of scalar values: payload ``i`` is ``{key: column[i]}``."""
+
 _INT_MIN = -(2**63)
 _INT_MAX = 2**63 - 1
 _MAX_DEPTH = 64

@@ -45,7 +45,7 @@ import numpy.typing as npt
 from ._errors import Corrupt, DimensionMismatch
 from ._filters import MaskCache, PayloadIndex
 from ._index import IdIndex
-from ._payload import Payload
+from ._payload import Payload, PayloadColumns
 from .kernels import ArrayBackend
 from .kernels._transfer import copy_rows
 
@@ -129,13 +129,12 @@ class _Mirror:
     growth step of 1.2. The price is one upload of the whole matrix per growth (about 6x the
     final size in all while a database grows from empty), at the host link's speed."""
 
-    __slots__ = ("columns", "layout", "lock", "rows", "vector_rows")
+    __slots__ = ("columns", "layout", "lock", "rows")
 
     def __init__(self, layout: _Layout) -> None:
         self.layout = layout
         self.lock = threading.Lock()
         self.rows = 0  # rows uploaded
-        self.vector_rows = 0  # rows of the matrix uploaded: ahead of the others after a load
         self.columns: tuple[Any, ...] | None = None  # matrix, norms, norms32, inv32, ids
 
     def _allocate(self) -> tuple[Any, ...]:
@@ -156,28 +155,31 @@ class _Mirror:
             if self.columns is None:
                 self.columns = self._allocate()
             if self.rows < n:
-                L = self.layout
-                hosts: tuple[Any, ...] = (L.matrix, L.norms, L.norms32, L.inv32, L.ids)
-                for i, (dev, host) in enumerate(zip(self.columns, hosts)):
-                    lo = max(self.rows, self.vector_rows) if i == 0 else self.rows
-                    if lo < n:
-                        copy_rows(L.backend, host[lo:n], device=dev[lo:n])
-                self.rows = self.vector_rows = n
+                self._upload(self.rows, n, first=0)
             return tuple(c[:n] for c in self.columns)
 
     def load(self, matrix: npt.NDArray[np.float32], crc: int | None) -> int | None:
-        """Fill the host matrix and this (empty) mirror's matrix with ``matrix``'s rows in one
-        pass (each row read once, then sent on through the pinned buffers); the other columns
-        follow with :meth:`upto`. Returns the CRC-32 of ``matrix``'s bytes continued from
-        ``crc`` (``None``: not computed)."""
+        """Fill the host matrix and this (empty) mirror with ``matrix``'s rows in one pass
+        (each row read once, then sent on through the pinned buffers), and the other columns
+        from the host, which hold the rows already. Returns the CRC-32 of ``matrix``'s bytes
+        continued from ``crc`` (``None``: not computed)."""
         n = int(matrix.shape[0])
-        host = self.layout.matrix[:n]
         with self.lock:
-            if self.columns is None:
-                self.columns = self._allocate()
-            crc = copy_rows(self.layout.backend, matrix, host=host, device=self.columns[0][:n], crc=crc)
-            self.vector_rows = n
+            self.columns = self._allocate()
+            crc = copy_rows(
+                self.layout.backend, matrix, host=self.layout.matrix[:n], device=self.columns[0][:n], crc=crc
+            )
+            self._upload(0, n, first=1)
             return crc
+
+    def _upload(self, lo: int, n: int, first: int) -> None:
+        """Upload rows ``lo:n`` of the host columns from column ``first`` on (as the lock holder)."""
+        assert self.columns is not None
+        L = self.layout
+        hosts: tuple[Any, ...] = (L.matrix, L.norms, L.norms32, L.inv32, L.ids)
+        for dev, host in zip(self.columns[first:], hosts[first:]):
+            copy_rows(L.backend, host[lo:n], device=dev[lo:n])
+        self.rows = n
 
     def nbytes(self) -> int:
         return 0 if self.columns is None else sum(int(c.nbytes) for c in self.columns)
@@ -372,7 +374,7 @@ class ColumnStore:
         ids: npt.NDArray[np.uint64],
         vectors: npt.NDArray[np.float32],
         payloads: list[Payload | None],
-        columns: dict[str, list[Any]] | None = None,
+        columns: PayloadColumns | None = None,
     ) -> None:
         """Insert or replace rows and publish. ``ids`` unique; inputs already validated;
         ``columns``: the payloads as scalar columns, when known (see ``UpsertOp``)."""
@@ -639,24 +641,21 @@ class ColumnStore:
         n = int(ids.shape[0])
         cap = max(_MIN_CAPACITY, int(n * headroom) + extra) if dim is not None else 0
         L = _Layout(self.backend, cap, dim)
+        L.ids[:n] = ids
+        if n:  # the norms first: on a GPU the one pass over the vectors uploads every column
+            self._set_norms(L, slice(0, n), row_norms_sq(np, matrix) if norms is None else np.asarray(norms))
         start = None if vectors_crc is None else 0
         if L.mirror is None:
             crc = copy_rows(self.backend, matrix, host=L.matrix[:n], crc=start)
         else:
-            crc = L.mirror.load(matrix, start)
+            crc = L.mirror.load(matrix, start)  # the device is ready when the open returns
         if vectors_crc is not None and str(crc) != vectors_crc:
+            self.clear()
             raise Corrupt("snapshot vectors checksum mismatch")
         self._layout = L
-        if n:
-            self._set_norms(
-                L, slice(0, n), row_norms_sq(np, L.matrix[:n]) if norms is None else np.asarray(norms)
-            )
-        L.ids[:n] = ids
         L.payloads = list(payloads)
         L.fields.append(0, L.payloads)
         L.index.load(np.asarray(ids, dtype=np.uint64), np.arange(n, dtype=np.int64))
-        if L.mirror is not None:
-            L.mirror.upto(n)  # the device is ready when the open returns
         self.n = self.live = n
         self._publish()
 
