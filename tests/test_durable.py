@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -419,41 +420,59 @@ def test_readonly_does_not_cut_a_torn_tail(tmp_path: Path) -> None:
 
 def test_readonly_views_of_a_writing_process_are_prefixes(tmp_path: Path) -> None:
     """Read-only opens while another process writes (and flushes): each view is a prefix of the
-    writer's records, and the files end up as the writer left them."""
+    writer's records, and the files end up as the writer left them.
+
+    Paced by progress, not by counts: the writer goes on until the reader has seen five
+    different sizes (a slow disk makes each flush slow, so a fixed number of writes or of reads
+    need not overlap), and then stops at a record of its choosing."""
+    path, stop = tmp_path / "db", tmp_path / "stop"
     with subprocess.Popen(
         [
             sys.executable,
             "-c",
             textwrap.dedent(
                 """
-                import sys, numpy as np, iqdb
+                import os, sys, numpy as np, iqdb
                 db = iqdb.open(sys.argv[1])
                 print("ready", flush=True)
-                for i in range(400):
+                i = 0
+                while not os.path.exists(sys.argv[2]) and i < 100_000:
                     db.upsert(iqdb.Record(i, np.full(4, i, np.float32), {"i": i}))
                     if i % 2 == 0:
                         db.flush()
+                    i += 1
                 db.close()
+                print(i, flush=True)
                 """
             ),
-            str(tmp_path),
+            str(path),
+            str(stop),
         ],
         stdout=subprocess.PIPE,
         text=True,
     ) as writer:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
-        sizes = []
-        while writer.poll() is None and len(sizes) < 200:
-            with iqdb.open(tmp_path, readonly=True) as ro:
-                n = len(ro)
-                assert all(ro.get(i) == Record(i, np.full(4, i, np.float32), {"i": i}) for i in range(n))
-                assert ro.get(n) is None
-            sizes.append(n)
+        sizes: list[int] = []
+        deadline = time.monotonic() + 120
+        try:
+            while len(set(sizes)) < 5 and writer.poll() is None and time.monotonic() < deadline:
+                with iqdb.open(path, readonly=True) as ro:
+                    n = len(ro)
+                    assert all(ro.get(i) == Record(i, np.full(4, i, np.float32), {"i": i}) for i in range(n))
+                    assert ro.get(n) is None
+                sizes.append(n)
+        finally:
+            stop.touch()
+        written = int(writer.stdout.readline())
         assert writer.wait() == 0
     assert sizes == sorted(sizes)
     assert len(set(sizes)) >= 5, f"the reads did not overlap the writes: {sizes}"
-    with iqdb.open(tmp_path) as db:
-        assert len(db) == 400
+    assert sizes[-1] <= written
+    with iqdb.open(path) as db:
+        assert len(db) == written
+        assert db.get(written - 1) == Record(
+            written - 1, np.full(4, written - 1, np.float32), {"i": written - 1}
+        )
 
 
 def test_readonly_open_racing_a_compaction_sees_a_committed_state(tmp_path: Path) -> None:
