@@ -107,81 +107,110 @@ class _Layout:
         # Payload columns for compiled filters, appended with the rows; masks cached per layout.
         self.fields = PayloadIndex()
         self.masks = MaskCache()
-        self.mirror = None if backend.xp is np else _Mirror(self)
+        self.mirror = None if backend.xp is np else _Mirror(backend, dim or 0)
 
     def nbytes(self) -> int:
         arrays = (self.matrix, self.norms, self.norms32, self.inv32, self.ids)
         return sum(int(a.nbytes) for a in arrays) + self.index.nbytes() + self.fields.nbytes()
 
 
+# The mirror's columns: (dtype, values per row; 0: the dimension). Their order is the order of
+# _Mirror.columns and of device_columns(): matrix, norms, norms32, inv_norms32, ids.
+_DEVICE_COLUMNS = ((np.float32, 0), (np.float64, 1), (np.float32, 1), (np.float32, 1), (np.uint64, 1))
+
+
 class _Mirror:
-    """A layout's columns on the search device, filled on demand: a search first uploads the
-    rows its version has and the mirror lacks (rows below a published count never change, so
+    """The host columns' rows on the search device, filled on demand: a search first uploads the
+    rows its version has and the device lacks (rows below a published count never change, so
     they are uploaded once, in one batch per search however many writes made them), and a
     write never touches the device. An open fills it at once, in the same pass that copies the
     snapshot to the host (:meth:`load`). Every upload goes through two small page-locked
     buffers (:func:`~iqdb.kernels._transfer.copy_rows`), never a staging copy of the whole.
 
-    A new layout (growth, vacuum) starts with an empty mirror, filled from the host columns by
-    the next search, not copied device to device from the old one: the old mirror is freed with
-    the old layout's last version (at once when no search is running), so the device never
-    holds both; a device-to-device copy would peak at old + new, about 2.2x the matrix at a
-    growth step of 1.2. The price is one upload of the whole matrix per growth (about 6x the
-    final size in all while a database grows from empty), at the host link's speed."""
+    One mirror serves a lineage of layouts: a layout and the layouts grown from it, which copy
+    the rows to the same places. Where the backend has growable buffers (CUDA virtual memory:
+    :mod:`~iqdb.kernels._vmm`), each column is one reserved address range that the next search
+    after a growth backs with more memory in place: the rows already there stay, only the rows
+    written since are uploaded, and the device holds the matrix once plus the growth step. A
+    vacuumed layout (rows move) gets a new mirror, filled from the host, as does every grown
+    layout where the device cannot grow memory in place (plain allocations of the layout's
+    capacity). The old mirror goes with the old layout's last version (at once when no search
+    is running: a mirror holds no reference to its layouts), so the device never holds both; a
+    device-to-device copy would peak at old + new, about 2.2x the matrix at a growth step of 1.2.
+    """
 
-    __slots__ = ("columns", "layout", "lock", "rows")
+    __slots__ = ("backend", "buffers", "capacity", "columns", "dim", "growable", "lock", "rows")
 
-    def __init__(self, layout: _Layout) -> None:
-        self.layout = layout
+    def __init__(self, backend: ArrayBackend, dim: int) -> None:
+        self.backend = backend
+        self.dim = dim
         self.lock = threading.Lock()
         self.rows = 0  # rows uploaded
-        self.columns: tuple[Any, ...] | None = None  # matrix, norms, norms32, inv32, ids
+        self.capacity = 0  # rows the columns hold
+        self.columns: tuple[Any, ...] | None = None  # full-capacity arrays
+        self.buffers: tuple[Any, ...] | None = None  # the growable buffers under them
+        self.growable = backend.growable_columns is not None  # until the device says otherwise
 
-    def _allocate(self) -> tuple[Any, ...]:
-        L = self.layout
-        xp, cap = L.backend.xp, L.capacity
-        with L.backend.device():
-            return (
-                xp.empty((cap, L.dim or 0), dtype=xp.float32),
-                xp.empty(cap, dtype=xp.float64),
-                xp.empty(cap, dtype=xp.float32),
-                xp.empty(cap, dtype=xp.float32),
-                xp.empty(cap, dtype=xp.uint64),
-            )
+    def serves(self, grown: _Layout) -> bool:
+        """Whether ``grown``, a layout grown from one of this mirror's (rows in place), may use it."""
+        return self.growable and self.dim == grown.dim
 
-    def upto(self, n: int) -> tuple[Any, ...]:
-        """The device columns with at least ``n`` rows uploaded (views of the first ``n``)."""
+    def upto(self, L: _Layout, n: int) -> tuple[Any, ...]:
+        """The device columns with at least ``n`` of ``L``'s rows uploaded (views of the first ``n``)."""
         with self.lock:
-            if self.columns is None:
-                self.columns = self._allocate()
+            self._fit(L.capacity)
             if self.rows < n:
-                self._upload(self.rows, n, first=0)
+                self._upload(L, self.rows, n, first=0)
+            assert self.columns is not None
             return tuple(c[:n] for c in self.columns)
 
-    def load(self, matrix: npt.NDArray[np.float32], crc: int | None) -> int | None:
-        """Fill the host matrix and this (empty) mirror with ``matrix``'s rows in one pass
+    def load(self, L: _Layout, matrix: npt.NDArray[np.float32], crc: int | None) -> int | None:
+        """Fill ``L``'s host matrix and this (empty) mirror with ``matrix``'s rows in one pass
         (each row read once, then sent on through the pinned buffers), and the other columns
         from the host, which hold the rows already. Returns the CRC-32 of ``matrix``'s bytes
         continued from ``crc`` (``None``: not computed)."""
         n = int(matrix.shape[0])
         with self.lock:
-            self.columns = self._allocate()
-            crc = copy_rows(
-                self.layout.backend, matrix, host=self.layout.matrix[:n], device=self.columns[0][:n], crc=crc
-            )
-            self._upload(0, n, first=1)
+            self._fit(L.capacity)
+            assert self.columns is not None and self.rows == 0
+            crc = copy_rows(self.backend, matrix, host=L.matrix[:n], device=self.columns[0][:n], crc=crc)
+            self._upload(L, 0, n, first=1)
             return crc
 
-    def _upload(self, lo: int, n: int, first: int) -> None:
-        """Upload rows ``lo:n`` of the host columns from column ``first`` on (as the lock holder)."""
+    def _fit(self, capacity: int) -> None:
+        """Columns of at least ``capacity`` rows (as the lock holder); rows already there stay."""
+        if self.columns is not None and capacity <= self.capacity:
+            return
+        xp, widths = self.backend.xp, [w or self.dim for _t, w in _DEVICE_COLUMNS]
+        dtypes = [np.dtype(t) for t, _w in _DEVICE_COLUMNS]
+        shapes = [(capacity, w) if i == 0 else (capacity,) for i, w in enumerate(widths)]
+        with self.backend.device():
+            if self.columns is None and self.growable:
+                assert self.backend.growable_columns is not None
+                self.buffers = self.backend.growable_columns([t.itemsize * w for t, w in zip(dtypes, widths)])
+                self.growable = self.buffers is not None
+            if self.buffers is None:
+                assert self.columns is None, "a plain allocation cannot grow"
+                self.columns = tuple(xp.empty(shape, dtype=t) for t, shape in zip(dtypes, shapes))
+            else:
+                for buf, t, w in zip(self.buffers, dtypes, widths):
+                    buf.ensure(capacity * w * t.itemsize)
+                self.columns = tuple(
+                    buf.array(t, shape) for buf, t, shape in zip(self.buffers, dtypes, shapes)
+                )
+        self.capacity = capacity
+
+    def _upload(self, L: _Layout, lo: int, n: int, first: int) -> None:
+        """Upload rows ``lo:n`` of ``L``'s host columns from column ``first`` on (as the lock holder)."""
         assert self.columns is not None
-        L = self.layout
         hosts: tuple[Any, ...] = (L.matrix, L.norms, L.norms32, L.inv32, L.ids)
         for dev, host in zip(self.columns[first:], hosts[first:]):
-            copy_rows(L.backend, host[lo:n], device=dev[lo:n])
+            copy_rows(self.backend, host[lo:n], device=dev[lo:n])
         self.rows = n
 
     def nbytes(self) -> int:
+        if self.buffers is not None:
+            return sum(int(b.committed) for b in self.buffers)
         return 0 if self.columns is None else sum(int(c.nbytes) for c in self.columns)
 
 
@@ -257,7 +286,7 @@ class Version:
         L, n = self.layout, self.n
         if L.mirror is None:
             return L.matrix[:n], L.norms[:n], L.norms32[:n], L.inv32[:n], L.ids[:n]
-        m, no, n32, inv, ids = L.mirror.upto(n)
+        m, no, n32, inv, ids = L.mirror.upto(L, n)
         return m, no, n32, inv, ids
 
     def device_dead_rows(self) -> Any:
@@ -613,6 +642,8 @@ class ColumnStore:
             new.payloads = list(old.payloads[:k])
             new.fields = old.fields.take(np.arange(k, dtype=np.int64))
             new.index = old.index.copy()
+            if old.mirror is not None and cap >= old.capacity and old.mirror.serves(new):
+                new.mirror = old.mirror  # the rows kept their places: the device's stay too
         self._layout = new
 
     def load(
@@ -648,7 +679,7 @@ class ColumnStore:
         if L.mirror is None:
             crc = copy_rows(self.backend, matrix, host=L.matrix[:n], crc=start)
         else:
-            crc = L.mirror.load(matrix, start)  # the device is ready when the open returns
+            crc = L.mirror.load(L, matrix, start)  # the device is ready when the open returns
         if vectors_crc is not None and str(crc) != vectors_crc:
             self.clear()
             raise Corrupt("snapshot vectors checksum mismatch")

@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 from ._parallel import SERIAL, Parallel, cpu_parallel
 from ._profile import CPU_PROFILE, GPU_PROFILE, Profile
 from ._tiles import MatVec
+from ._vmm import Growable, cuda_growable_columns
 
 __all__ = ["ArrayBackend", "cpu_backend", "cpu_matvec", "gpu_backend"]
 
@@ -50,6 +51,10 @@ class ArrayBackend:
     profile
         The tuning constants searches on this backend run with (tile and block sizes, layout
         and split thresholds): :data:`~iqdb.kernels.CPU_PROFILE` unless given.
+    growable_columns
+        Device buffers that grow in place (:mod:`~iqdb.kernels._vmm`), for the store's device
+        mirror: given each column's bytes per row, one buffer per column, or ``None`` where the
+        device cannot grow memory in place. ``None`` (the field) on the CPU, which has no mirror.
     """
 
     name: str
@@ -59,6 +64,9 @@ class ArrayBackend:
     device_index: int | None = None
     fixed_shape: bool = False
     profile: Profile = field(default=CPU_PROFILE, compare=False)
+    growable_columns: Callable[[Sequence[int]], tuple[Growable, ...] | None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def parallel(self) -> Parallel:
@@ -216,5 +224,12 @@ def gpu_backend(index: int) -> ArrayBackend:
         _force_fp32(cupy)
         _warn_tf32(tf32)
     return ArrayBackend(
-        f"cuda:{index}", cupy, lambda: SERIAL, None, device_index=index, fixed_shape=True, profile=GPU_PROFILE
+        f"cuda:{index}",
+        cupy,
+        lambda: SERIAL,
+        None,
+        device_index=index,
+        fixed_shape=True,
+        profile=GPU_PROFILE,
+        growable_columns=cuda_growable_columns(cupy, index),
     )

@@ -65,7 +65,13 @@ GPU_SKIP = _gpu_reason()
 # On a lent GPU the time is short (bench/bench_gpu.py gives the GPU tests a few minutes): a run of
 # only the GPU tests (-m gpu) takes these files first, so that a run cut off by its timeout has
 # already compared the device with the CPU.
-_GPU_FIRST = ("test_gpu_equality.py", "test_transfer.py", "test_select_k.py", "test_standin.py")
+_GPU_FIRST = (
+    "test_gpu_equality.py",
+    "test_vmm.py",
+    "test_transfer.py",
+    "test_select_k.py",
+    "test_standin.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import sys
 import threading
@@ -87,6 +88,7 @@ class Event:
     dispatched: bool = False  # a NumPy function called on device arrays (__array_function__)
     pinned: int | None = None  # bytes of page-locked host memory allocated (a buffer or staging)
     from_pinned: bool = False  # an upload read from page-locked memory (asynchronous on CuPy)
+    committed: int | None = None  # bytes of device memory mapped into a growable buffer
 
 
 @dataclass
@@ -139,6 +141,11 @@ class Tally:
     @property
     def download_bytes(self) -> int:
         return sum(e.d2h or 0 for e in self.events)
+
+    @property
+    def committed_bytes(self) -> int:
+        """Device memory mapped into growable buffers (each growth of one maps its new part)."""
+        return sum(e.committed or 0 for e in self.events)
 
     def sites(self, kind: str = "syncs") -> Counter[str]:
         """How many of ``kind`` (``syncs``, ``uploads``, ``downloads``, ``implicit``...) each
@@ -1024,6 +1031,75 @@ class _Stream:
         return None
 
 
+# -- device memory that grows in place (CUDA virtual memory: iqdb.kernels._vmm) ---------------------
+
+STANDIN_DEVICE_MEMORY = 256 << 20  # the stand-in device's "total memory": what a growable reserves
+GRANULARITY = 64 << 10  # commits are rounded up to this (CUDA's is 2 MiB)
+
+
+class DeviceMemory:
+    """Bytes committed to growable device buffers now (``live``) and at most (``peak``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.live = self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.live
+
+
+device_memory = DeviceMemory()
+
+
+class Growable:
+    """``kernels._vmm.CudaGrowable`` on the CPU: a reserved range of host address space (pages
+    never touched cost no memory) whose committed start is the device buffer. Arrays over it are
+    views, valid while it grows, as over a CUDA reservation; its memory counts in
+    :data:`device_memory` until the last array over it goes."""
+
+    def __init__(self, reserve: int) -> None:
+        self.reserved = -(-max(1, reserve) // GRANULARITY) * GRANULARITY
+        self.committed = 0
+        # An anonymous map: address space only until touched, and invisible to tracemalloc (the
+        # host-memory tests trace the host, and this stands for device memory).
+        self._raw = np.frombuffer(mmap.mmap(-1, self.reserved), dtype=np.uint8)
+        self._held = [0]  # committed bytes, for the finaliser
+        weakref.finalize(self._raw, _release, self._held)  # the size committed by then
+
+    def ensure(self, nbytes: int) -> None:
+        if nbytes <= self.committed:
+            return
+        if nbytes > self.reserved:
+            raise MemoryError(f"{nbytes:,} bytes asked of a device buffer that reserved {self.reserved:,}")
+        size = -(-(nbytes - self.committed) // GRANULARITY) * GRANULARITY
+        ledger.note("cuMemMap", committed=size)
+        self.committed += size
+        self._held[0] = self.committed
+        device_memory.add(size)
+
+    def array(self, dtype: Any, shape: tuple[int, ...]) -> ndarray:
+        count = math.prod(shape) * np.dtype(dtype).itemsize
+        assert count <= self.committed, f"an array of {count} bytes over {self.committed} committed"
+        return _wrap(self._raw[:count].view(dtype).reshape(shape))
+
+
+def _release(held: list[int]) -> None:
+    device_memory.add(-held[0])
+
+
+def growable_columns(widths: Any) -> tuple[Growable, ...]:
+    """``ArrayBackend.growable_columns`` of the stand-in: room for as many rows as
+    :data:`STANDIN_DEVICE_MEMORY` holds with all the columns together."""
+    rows = STANDIN_DEVICE_MEMORY // max(1, sum(widths))
+    return tuple(Growable(rows * w) for w in widths)
+
+
 # The namespace's own functions above, in place of NumPy's (asanyarray is asarray).
 _OWN = """
 asarray array asanyarray ascontiguousarray asnumpy get_array_module einsum sort argsort argpartition
@@ -1061,9 +1137,17 @@ def _namespace() -> types.ModuleType:
 xp = _namespace()
 
 
-def standin_backend() -> ArrayBackend:
+def standin_backend(growable: bool = True) -> ArrayBackend:
     """An :class:`~iqdb.kernels.ArrayBackend` on the stand-in, as ``gpu_backend(0)`` builds one for
-    CuPy (the GPU's profile): ``asarray`` counts an upload, ``to_host`` a download (through ``xp``)."""
+    CuPy (the GPU's profile): ``asarray`` counts an upload, ``to_host`` a download (through ``xp``).
+    ``growable=False``: a device that cannot grow memory in place (no CUDA virtual memory)."""
     return ArrayBackend(
-        "cuda:0", xp, lambda: SERIAL, None, device_index=0, fixed_shape=True, profile=GPU_PROFILE
+        "cuda:0",
+        xp,
+        lambda: SERIAL,
+        None,
+        device_index=0,
+        fixed_shape=True,
+        profile=GPU_PROFILE,
+        growable_columns=growable_columns if growable else None,
     )

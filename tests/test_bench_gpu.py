@@ -51,4 +51,5 @@ def test_the_gpu_benchmark_runs_end_to_end_without_a_gpu(tmp_path: Path) -> None
     text = out.read_text()
     assert "iqdb cpu" in text, text[:2000]
     assert "Open a 4,000 x 32 durable snapshot" in text, text[:2000]
+    assert "Grow a database from empty to 4,000 x 128" in text, text[-3000:]
     assert "| 64 | 100 | iqdb cpu |" in text and "1.0000" in text, text[:3000]  # searched, exact

@@ -472,6 +472,17 @@ def test_the_store_on_the_standin_answers_as_on_the_cpu() -> None:
 ROW_BYTES = D * 4 + 8 + 4 + 4 + 8  # a row of the mirror: vector, norm (f64), norm (f32), 1/|x|, id
 
 
+# The writes of store_writes that find the layout full: the first makes the first layout, the
+# next two grow it (rows keep their places), the last holds dead rows, so it vacuums as it grows.
+GROWS = {
+    "insert 500": "first",
+    "insert 1": "grow",
+    "replace 100 + insert 200": "grow",
+    "replace 1 (growth)": "vacuum",
+}
+
+
+@pytest.mark.parametrize("growable", [True, False], ids=["growable", "plain"])
 @pytest.mark.parametrize(
     ("label", "rows"),
     [
@@ -484,11 +495,14 @@ ROW_BYTES = D * 4 + 8 + 4 + 4 + 8  # a row of the mirror: vector, norm (f64), no
         ("insert 99", 99),
     ],
 )
-def test_a_write_touches_no_device_and_the_next_search_uploads_its_rows_once(label: str, rows: int) -> None:
+def test_a_write_touches_no_device_and_the_next_search_uploads_its_rows_once(
+    label: str, rows: int, growable: bool
+) -> None:
     """The host columns are the truth; a write changes only them, growth included. The next
-    search uploads the rows the mirror lacks (the write's rows; after a growth, every row of the
-    new layout) and the version's dead rows, once; a second search uploads only its queries."""
-    store = ColumnStore(standin_backend())
+    search uploads the rows the device lacks (the write's rows; after a vacuum, or a growth on a
+    device that cannot grow memory in place, every row of the new layout) and the version's dead
+    rows, once; a second search uploads only its queries."""
+    store = ColumnStore(standin_backend(growable=growable))
     Q = np.ones((4, D), dtype=np.float32)
     for name, write in store_writes(np.random.default_rng(3)):
         store_search(store, Q, 3, "l2")  # the mirror is caught up before each write
@@ -499,7 +513,10 @@ def test_a_write_touches_no_device_and_the_next_search_uploads_its_rows_once(lab
         with ledger.record() as w:
             write(store)
         assert (w.uploads, w.downloads, w.syncs, w.implicit) == (0, 0, 0, 0), w.sites("uploads")
-        if store.version.layout is not before:  # growth: the new mirror is filled from the host
+        assert w.committed_bytes == 0  # not even device memory for a growth: the search maps it
+        relaid = store.version.layout is not before
+        assert relaid == (label in GROWS)
+        if relaid and (GROWS[label] == "vacuum" or not growable):
             rows = store.version.n
         with ledger.record() as first:
             store_search(store, Q, 3, "l2")
@@ -515,14 +532,14 @@ def test_a_write_touches_no_device_and_the_next_search_uploads_its_rows_once(lab
     raise KeyError(label)
 
 
-def test_growth_frees_the_old_mirror_before_the_new_one_is_allocated() -> None:
-    """The device never holds two mirrors when no search is running: the old layout's mirror
-    dies with the write that replaced the layout, and the next search allocates the new one (a
-    peak of the new capacity, not old + new)."""
+def test_without_growable_memory_growth_frees_the_old_mirror_before_the_new_one_is_allocated() -> None:
+    """On a device that cannot grow memory in place, the device never holds two mirrors when no
+    search is running: the old layout's mirror dies with the write that replaced the layout, and
+    the next search allocates the new one (a peak of the new capacity, not old + new)."""
     import gc
     import weakref
 
-    store, cpu = ColumnStore(standin_backend()), ColumnStore(cpu_backend())
+    store, cpu = ColumnStore(standin_backend(growable=False)), ColumnStore(cpu_backend())
     Q = np.ones((2, D), dtype=np.float32)
     rng = np.random.default_rng(4)
     first = rng.standard_normal((100, D)).astype(np.float32)
@@ -531,15 +548,18 @@ def test_growth_frees_the_old_mirror_before_the_new_one_is_allocated() -> None:
     store_search(store, Q, 3, "l2")
     old_layout = store.version.layout
     assert old_layout.mirror is not None and old_layout.mirror.columns is not None
-    old_matrix = weakref.ref(old_layout.mirror.columns[0]._a)  # the device buffer the stand-in wraps
+    old_matrix = weakref.ref(old_layout.mirror.columns[0]._a)  # the buffer the stand-in wraps
     cap = old_layout.capacity
     del old_layout
     grow = cap - 100 + 1  # one row more than the layout holds
     more = rng.standard_normal((grow, D)).astype(np.float32)
-    for s in (store, cpu):
-        s.upsert(np.arange(1000, 1000 + grow, dtype=np.uint64), more, [None] * grow)
-    gc.collect()
-    assert old_matrix() is None  # freed with the write, before any new device allocation
+    gc.disable()  # freed by reference counting, not by a collection that may come later
+    try:
+        for s in (store, cpu):
+            s.upsert(np.arange(1000, 1000 + grow, dtype=np.uint64), more, [None] * grow)
+        assert old_matrix() is None  # freed with the write, before any new device allocation
+    finally:
+        gc.enable()
     assert store.version.layout.mirror is not None and store.version.layout.mirror.columns is None
     # The refilled mirror answers as the host columns do (a CPU store given the same writes).
     assert_same(store_search(store, Q, 3, "l2"), store_search(cpu, Q, 3, "l2"))
