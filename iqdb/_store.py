@@ -33,6 +33,7 @@ One writer at a time: the handle serialises writes with a mutex that readers nev
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import threading
@@ -47,9 +48,12 @@ from ._filters import MaskCache, PayloadIndex
 from ._index import IdIndex
 from ._payload import Payload, PayloadColumns
 from .kernels import ArrayBackend
-from .kernels._transfer import copy_rows
+from .kernels._transfer import Stage, copy_rows, stage_for
+from .kernels._vmm import CudaError
 
 __all__ = ["ColumnStore", "Version", "row_norms_sq"]
+
+log = logging.getLogger("iqdb")
 
 _GROWTH = 1.2
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -115,8 +119,20 @@ class _Layout:
 
 
 # The mirror's columns: (dtype, values per row; 0: the dimension). Their order is the order of
-# _Mirror.columns and of device_columns(): matrix, norms, norms32, inv_norms32, ids.
-_DEVICE_COLUMNS = ((np.float32, 0), (np.float64, 1), (np.float32, 1), (np.float32, 1), (np.uint64, 1))
+# _Mirror.columns and of device_columns(): matrix, norms, norms32, inv_norms32, ids; then the
+# dead log (a row dies at most once per layout, so the log never holds more entries than rows).
+_DEVICE_COLUMNS = (
+    (np.float32, 0),
+    (np.float64, 1),
+    (np.float32, 1),
+    (np.float32, 1),
+    (np.uint64, 1),
+    (np.int64, 1),
+)
+
+
+# Devices whose driver refused to grow a mirror in place (not for lack of memory) in this process.
+_GROWTH_REFUSED: set[str] = set()
 
 
 class _Mirror:
@@ -139,17 +155,19 @@ class _Mirror:
     device-to-device copy would peak at old + new, about 2.2x the matrix at a growth step of 1.2.
     """
 
-    __slots__ = ("backend", "buffers", "capacity", "columns", "dim", "growable", "lock", "rows")
+    __slots__ = ("backend", "buffers", "capacity", "columns", "dead", "dim", "growable", "lock", "rows")
 
     def __init__(self, backend: ArrayBackend, dim: int) -> None:
         self.backend = backend
         self.dim = dim
         self.lock = threading.Lock()
         self.rows = 0  # rows uploaded
+        self.dead = 0  # entries of the dead log uploaded
         self.capacity = 0  # rows the columns hold
         self.columns: tuple[Any, ...] | None = None  # full-capacity arrays
         self.buffers: tuple[Any, ...] | None = None  # the growable buffers under them
-        self.growable = backend.growable_columns is not None  # until the device says otherwise
+        # Until the device says otherwise (then, for the rest of the process).
+        self.growable = backend.growable_columns is not None and backend.name not in _GROWTH_REFUSED
 
     def serves(self, grown: _Layout) -> bool:
         """Whether ``grown``, a layout grown from one of this mirror's (rows in place), may use it."""
@@ -162,7 +180,21 @@ class _Mirror:
             if self.rows < n:
                 self._upload(L, self.rows, n, first=0)
             assert self.columns is not None
-            return tuple(c[:n] for c in self.columns)
+            return tuple(c[:n] for c in self.columns[:5])
+
+    def dead_log(self, L: _Layout, log: _DeadLog, n_dead: int) -> Any:
+        """The first ``n_dead`` entries of ``log`` (``L``'s dead log, in write order) on the
+        device, uploading the entries it lacks: like the rows, entries below a published count
+        never change within a lineage (a vacuum, which starts a new log, starts a new mirror;
+        a growth shares this one only when the log is empty), so each is uploaded once."""
+        with self.lock:
+            self._fit(L.capacity)
+            assert self.columns is not None
+            if self.dead < n_dead:
+                lo, col = self.dead, self.columns[5]
+                copy_rows(self.backend, log.rows[lo:n_dead], device=col[lo:n_dead])  # waits
+                self.dead = n_dead
+            return self.columns[5][:n_dead]
 
     def load(self, L: _Layout, matrix: npt.NDArray[np.float32], crc: int | None) -> int | None:
         """Fill ``L``'s host matrix and this (empty) mirror with ``matrix``'s rows in one pass
@@ -173,8 +205,15 @@ class _Mirror:
         with self.lock:
             self._fit(L.capacity)
             assert self.columns is not None and self.rows == 0
-            crc = copy_rows(self.backend, matrix, host=L.matrix[:n], device=self.columns[0][:n], crc=crc)
-            self._upload(L, 0, n, first=1)
+            stage = stage_for(self.backend, [matrix])  # the biggest column: the others fit too
+            try:
+                crc = copy_rows(
+                    self.backend, matrix, host=L.matrix[:n], device=self.columns[0][:n], crc=crc, stage=stage
+                )
+                self._upload(L, 0, n, first=1, stage=stage)
+            finally:
+                if stage is not None:
+                    stage.finish()  # no copy still reads or writes once this returns or raises
             return crc
 
     def _fit(self, capacity: int) -> None:
@@ -189,23 +228,40 @@ class _Mirror:
                 assert self.backend.growable_columns is not None
                 self.buffers = self.backend.growable_columns([t.itemsize * w for t, w in zip(dtypes, widths)])
                 self.growable = self.buffers is not None
+            if self.buffers is not None:
+                try:
+                    for buf, t, w in zip(self.buffers, dtypes, widths):
+                        buf.ensure(capacity * w * t.itemsize)
+                except CudaError as exc:  # the driver refused to map more (not out of memory)
+                    _GROWTH_REFUSED.add(self.backend.name)  # new mirrors on it start plain
+                    log.warning(
+                        "iqdb: %s: device memory cannot grow in place (%s); re-uploading",
+                        self.backend.name,
+                        exc,
+                    )
+                    self.buffers, self.growable, self.columns = None, False, None
+                    self.rows = self.dead = 0  # the plain columns below start empty
+                else:
+                    self.columns = tuple(
+                        buf.array(t, shape) for buf, t, shape in zip(self.buffers, dtypes, shapes)
+                    )
             if self.buffers is None:
                 assert self.columns is None, "a plain allocation cannot grow"
                 self.columns = tuple(xp.empty(shape, dtype=t) for t, shape in zip(dtypes, shapes))
-            else:
-                for buf, t, w in zip(self.buffers, dtypes, widths):
-                    buf.ensure(capacity * w * t.itemsize)
-                self.columns = tuple(
-                    buf.array(t, shape) for buf, t, shape in zip(self.buffers, dtypes, shapes)
-                )
         self.capacity = capacity
 
-    def _upload(self, L: _Layout, lo: int, n: int, first: int) -> None:
-        """Upload rows ``lo:n`` of ``L``'s host columns from column ``first`` on (as the lock holder)."""
+    def _upload(self, L: _Layout, lo: int, n: int, first: int, stage: Stage | None = None) -> None:
+        """Upload rows ``lo:n`` of ``L``'s host columns from column ``first`` on (as the lock
+        holder), every column through one :class:`~iqdb.kernels._transfer.Stage` (``stage``, or
+        one made for them), and wait for the copies."""
         assert self.columns is not None
         hosts: tuple[Any, ...] = (L.matrix, L.norms, L.norms32, L.inv32, L.ids)
-        for dev, host in zip(self.columns[first:], hosts[first:]):
-            copy_rows(self.backend, host[lo:n], device=dev[lo:n])
+        pairs = [(dev[lo:n], host[lo:n]) for dev, host in zip(self.columns[first:5], hosts[first:])]
+        stage = stage or stage_for(self.backend, [host for _dev, host in pairs])
+        for dev, host in pairs:
+            copy_rows(self.backend, host, device=dev, stage=stage)
+        if stage is not None:
+            stage.finish()
         self.rows = n
 
     def nbytes(self) -> int:
@@ -290,12 +346,16 @@ class Version:
         return m, no, n32, inv, ids
 
     def device_dead_rows(self) -> Any:
-        """:meth:`dead_rows` on the search device (uploaded once per version), or ``None``."""
-        dead = self.dead_rows()
-        if dead is None or self.layout.mirror is None:
-            return dead
+        """:meth:`dead_rows` on the search device, or ``None``. On a GPU the mirror holds the
+        dead log and uploads only the entries written since its last search; each version sorts
+        its prefix on the device, once."""
+        L = self.layout
+        if L.mirror is None or not self.n_dead:
+            return self.dead_rows()
         if self._dead_dev is None:
-            self._dead_dev = self.layout.backend.asarray(dead)
+            log = L.mirror.dead_log(L, self.log, self.n_dead)
+            with L.backend.device():
+                self._dead_dev = L.backend.xp.sort(log)
         return self._dead_dev
 
     @property

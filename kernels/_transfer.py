@@ -27,9 +27,54 @@ import numpy as np
 
 from ._backend import ArrayBackend
 
-__all__ = ["STAGE_BYTES", "copy_rows"]
+__all__ = ["STAGE_BYTES", "Stage", "copy_rows", "stage_for"]
 
 STAGE_BYTES = 16 << 20  # bytes per pinned buffer (two of them): a copy's extra host memory
+
+
+class Stage:
+    """Two page-locked buffers of ``nbytes`` and a copy stream, for the copies of one upload
+    (the columns of a catch-up share them: one allocation, one stream and one wait in all).
+
+    :meth:`send` stages a chunk in the buffer the device finished reading longest ago and
+    queues its copy; :meth:`finish` waits for every queued copy (the host arrays a copy read
+    may change only after it).
+    """
+
+    def __init__(self, backend: ArrayBackend, nbytes: int) -> None:
+        xp = backend.xp
+        self.nbytes = max(1, int(nbytes))
+        with backend.device():
+            self.stream = xp.cuda.Stream(non_blocking=True)
+            # Two buffers in one page-locked block (from CuPy's pinned pool, returned to it after).
+            ring = np.frombuffer(xp.cuda.alloc_pinned_memory(2 * self.nbytes), np.uint8, 2 * self.nbytes)
+        self._buffers = (ring[: self.nbytes], ring[self.nbytes :])
+        self._copied: list[Any] = [None, None]  # per buffer: the event its last device copy recorded
+        self._turn = 0
+
+    def send(self, part: np.ndarray[Any, Any], device: Any) -> None:
+        """Queue the copy of host rows ``part`` (at most ``nbytes``) into ``device``."""
+        slot = self._turn % 2
+        self._turn += 1
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # the device has read this buffer's last chunk
+        staged = self._buffers[slot][: part.nbytes].view(part.dtype).reshape(part.shape)
+        np.copyto(staged, part)
+        device.set(staged, stream=self.stream)
+        self._copied[slot] = self.stream.record()
+
+    def finish(self) -> None:
+        """Wait until every queued copy is done."""
+        self.stream.synchronize()
+
+
+def stage_for(backend: ArrayBackend, sources: list[np.ndarray[Any, Any]]) -> Stage | None:
+    """A :class:`Stage` big enough for a chunk of any of ``sources`` (at most
+    :data:`STAGE_BYTES`), or ``None`` when there is no device or nothing to copy."""
+    if backend.device_index is None:
+        return None
+    need = max((int(a.nbytes) for a in sources), default=0)
+    return Stage(backend, min(need, STAGE_BYTES)) if need else None
 
 
 def copy_rows(
@@ -40,6 +85,7 @@ def copy_rows(
     device: Any = None,
     crc: int | None = None,
     stage_bytes: int | None = None,
+    stage: Stage | None = None,
 ) -> int | None:
     """Copy the rows of ``src`` into ``host`` and/or ``device`` (same shape), chunk by chunk.
 
@@ -59,6 +105,10 @@ def copy_rows(
         ``zlib.crc32`` of the whole C-contiguous array would read them); ``None``: none computed.
     stage_bytes
         Bytes per pinned buffer (a chunk is at least one row); default :data:`STAGE_BYTES`.
+    stage
+        The buffers and stream to copy through, shared with other copies (see :func:`stage_for`);
+        the caller then waits with :meth:`Stage.finish`. ``None``: the copy makes its own and
+        waits for itself before it returns.
 
     Returns
     -------
@@ -69,17 +119,16 @@ def copy_rows(
     if n == 0:
         return crc
     row_bytes = max(1, src.nbytes // n)
-    step = max(1, (STAGE_BYTES if stage_bytes is None else stage_bytes) // row_bytes)
     to_device = device is not None and backend.device_index is not None
+    own = to_device and (stage is None or stage.nbytes < row_bytes)
+    if own:
+        budget = STAGE_BYTES if stage_bytes is None else stage_bytes
+        stage = Stage(backend, min(max(1, budget // row_bytes) * row_bytes, src.nbytes))
+    step = max(1, (STAGE_BYTES if stage_bytes is None else stage_bytes) // row_bytes)
+    if stage is not None and to_device:
+        step = max(1, min(step, stage.nbytes // row_bytes))
     with backend.device() if to_device else contextlib.nullcontext():
-        if to_device:
-            stream = backend.xp.cuda.Stream(non_blocking=True)
-            # Two buffers in one page-locked block (from CuPy's pinned pool, returned to it after).
-            nbytes = min(step * row_bytes, src.nbytes)
-            ring = np.frombuffer(backend.xp.cuda.alloc_pinned_memory(2 * nbytes), np.uint8, 2 * nbytes)
-            buffers = (ring[:nbytes], ring[nbytes:])
-            copied: list[Any] = [None, None]  # per buffer: the event its last device copy recorded
-        for i, lo in enumerate(range(0, n, step)):
+        for lo in range(0, n, step):
             part = src[lo : lo + step]
             if host is not None:
                 host[lo : lo + step] = part
@@ -87,13 +136,9 @@ def copy_rows(
             if crc is not None:
                 crc = zlib.crc32(np.ascontiguousarray(part).reshape(-1).view(np.uint8).data, crc)
             if to_device:
-                slot = i % 2
-                if copied[slot] is not None:
-                    copied[slot].synchronize()  # the device has read this buffer's last chunk
-                staged = buffers[slot][: part.nbytes].view(part.dtype).reshape(part.shape)
-                np.copyto(staged, part)
-                device[lo : lo + part.shape[0]].set(staged, stream=stream)
-                copied[slot] = stream.record()
-        if to_device:
-            stream.synchronize()
+                assert stage is not None
+                stage.send(part, device[lo : lo + part.shape[0]])
+        if own:
+            assert stage is not None
+            stage.finish()
     return crc

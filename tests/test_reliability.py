@@ -21,6 +21,7 @@ from faultfs import ErrorFs
 
 import iqdb
 from iqdb import Closed, InvalidArgument, Poisoned, Record
+from iqdb._fs import OsFileSystem
 from iqdb._store import ColumnStore
 
 STORAGES = ["memory", "durable"]
@@ -296,7 +297,20 @@ def test_a_predicate_may_read_the_handle() -> None:
 def test_searches_go_on_during_a_compaction(tmp_path: Path) -> None:
     n, d = 300_000, 128
     rng = np.random.default_rng(3)
-    db = iqdb.open(tmp_path)
+
+    class SlowSync(OsFileSystem):
+        """The compaction's fsyncs take 0.15 s more (a slow disk), so that the compaction lasts
+        long enough to tell on any machine (it took 0.19 s once in CI, under the 0.2 s needed)."""
+
+        slow = False
+
+        def fsync(self, fd: int) -> None:
+            if self.slow:
+                time.sleep(0.15)
+            super().fsync(fd)
+
+    fs = SlowSync()
+    db = iqdb.open(tmp_path, fs=fs)
     for start in range(0, n, 50_000):
         db.upsert_many(np.arange(start, start + 50_000), rng.standard_normal((50_000, d), dtype=np.float32))
     q = rng.standard_normal(d, dtype=np.float32)
@@ -311,6 +325,7 @@ def test_searches_go_on_during_a_compaction(tmp_path: Path) -> None:
         db.compact()
         took[0] = time.perf_counter() - t0
 
+    fs.slow = True
     t = threading.Thread(target=compact)
     t.start()
     started.wait()
@@ -321,6 +336,7 @@ def test_searches_go_on_during_a_compaction(tmp_path: Path) -> None:
         worst[0] = max(worst[0], time.perf_counter() - t0)
         searches += 1
     t.join()
+    fs.slow = False
     db.close()
     assert took[0] > 0.2, f"compaction took only {took[0]:.3f} s: too small to tell"
     assert searches >= 3

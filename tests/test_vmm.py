@@ -24,12 +24,14 @@ import pytest
 import standin
 from standin import GRANULARITY, device_memory, ledger, standin_backend
 
+import iqdb._store
 from iqdb._store import ColumnStore
 from iqdb.kernels import _vmm, cpu_backend, flat_topk
 
 D = 16
-ROW_BYTES = D * 4 + 8 + 4 + 4 + 8  # a row of the mirror: vector, norm (f64), norm (f32), 1/|x|, id
-SLACK = 5 * GRANULARITY  # each of the five columns rounds its commit up once
+ROW_BYTES = D * 4 + 8 + 4 + 4 + 8  # a row's upload: vector, norm (f64), norm (f32), 1/|x|, id
+MIRROR_ROW_BYTES = ROW_BYTES + 8  # and room for its entry in the dead log
+SLACK = 6 * GRANULARITY  # each of the six columns rounds its commit up once
 
 
 def search(
@@ -77,7 +79,7 @@ def test_growth_uploads_each_row_once_and_peaks_at_the_capacity() -> None:
         f"\n{n} rows, capacity {cap}: uploaded {t.upload_bytes - searches} B of rows ({n * ROW_BYTES} B once)"
     )
     assert t.upload_bytes == searches + n * ROW_BYTES, t.sites("uploads")
-    assert device_memory.peak - base <= cap * ROW_BYTES + SLACK
+    assert device_memory.peak - base <= cap * MIRROR_ROW_BYTES + SLACK
     assert store.memory_usage()["device"] == device_memory.live - base >= n * ROW_BYTES
     assert t.committed_bytes == device_memory.live - base  # each growth mapped only its new part
 
@@ -143,7 +145,7 @@ def test_a_vacuum_starts_new_device_columns_and_the_old_ones_are_freed() -> None
     np.testing.assert_array_equal(got[0], want[0])
     gc.collect()
     assert device_memory.live - base == store.memory_usage()["device"]
-    assert device_memory.live - base <= store.version.layout.capacity * ROW_BYTES + SLACK
+    assert device_memory.live - base <= store.version.layout.capacity * MIRROR_ROW_BYTES + SLACK
 
 
 def test_a_device_that_cannot_grow_memory_falls_back_to_plain_allocations() -> None:
@@ -159,8 +161,68 @@ def test_a_device_that_cannot_grow_memory_falls_back_to_plain_allocations() -> N
     be = type(be)(**{**be.__dict__, "growable_columns": refuse})
     store, cpu = ColumnStore(be), ColumnStore(cpu_backend())
     t, _Q = grow_one_write_at_a_time(store, cpu, 12, 100)
-    assert calls and all(c == [D * 4, 8, 4, 4, 8] for c in calls)
+    assert calls and all(c == [D * 4, 8, 4, 4, 8, 8] for c in calls)
     assert t.committed_bytes == 0 and store.memory_usage()["device"] > 0
+
+
+def test_deletes_upload_only_their_own_entries_and_each_version_sees_its_own() -> None:
+    """The dead log is mirrored like the rows: after 1,000 deletes, each single delete costs the
+    next search 8 bytes (its entry), not the whole dead list; a version from before later
+    deletes still sees exactly its own dead rows (sorted on the device)."""
+    store, cpu = ColumnStore(standin_backend()), ColumnStore(cpu_backend())
+    rng = np.random.default_rng(9)
+    V = rng.standard_normal((5000, D)).astype(np.float32)
+    Q = V[:3]
+    gone = rng.permutation(5000)[:1000].astype(np.uint64)
+    for s in (store, cpu):
+        s.upsert(np.arange(5000, dtype=np.uint64), V, [None] * 5000)
+        s.delete_many(gone)
+    search(store, Q)
+    old = store.version
+    old._dead_dev = None  # as if no search had read it yet: the newer versions upload past it first
+    for i in range(20):
+        victim = np.array([int(cpu.version.ids[cpu.version.live_rows()[i * 7]])], dtype=np.uint64)
+        for s in (store, cpu):
+            assert s.delete_many(victim) == 1
+        with ledger.record() as t:
+            got = search(store, Q)
+        assert t.upload_bytes == Q.nbytes + 8, t.sites("uploads")
+        want = search(cpu, Q)
+        np.testing.assert_array_equal(got[0], want[0])
+    assert store.version.layout is old.layout  # no vacuum: 1,020 of 5,000 dead
+    np.testing.assert_array_equal(store.backend.to_host(old.device_dead_rows()), old.dead_rows())
+    np.testing.assert_array_equal(
+        store.backend.to_host(store.version.device_dead_rows()), store.version.dead_rows()
+    )
+
+
+def test_a_driver_that_refuses_a_later_growth_falls_back_to_plain_allocations(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A growth the driver refuses (not for lack of memory) turns the mirror into plain
+    allocations filled from the host, says so once (new mirrors on that device start plain for
+    the rest of the process), and the answers stay the CPU's."""
+    monkeypatch.setattr(iqdb._store, "_GROWTH_REFUSED", set())
+
+    class Refusing(standin.Growable):
+        def ensure(self, nbytes: int) -> None:
+            if self.committed and nbytes > self.committed:
+                raise _vmm.CudaError("cuMemMap failed: CUDA_ERROR_NOT_SUPPORTED (801)")
+            super().ensure(nbytes)
+
+    def refusing_columns(widths: Any) -> tuple[Refusing, ...]:
+        rows = standin.STANDIN_DEVICE_MEMORY // sum(widths)
+        return tuple(Refusing(rows * w) for w in widths)
+
+    be = standin_backend()
+    be = type(be)(**{**be.__dict__, "growable_columns": refusing_columns})
+    store, cpu = ColumnStore(be), ColumnStore(cpu_backend())
+    with caplog.at_level("WARNING", logger="iqdb"):
+        grow_one_write_at_a_time(store, cpu, 40, 100)
+    told = [r.getMessage() for r in caplog.records if "cannot grow in place" in r.getMessage()]
+    assert len(told) == 1 and "CUDA_ERROR_NOT_SUPPORTED" in told[0]
+    assert store.version.layout.mirror.buffers is None  # type: ignore[union-attr]
+    assert iqdb._store._GROWTH_REFUSED == {"cuda:0"}
 
 
 # -- the driver binding (kernels/_vmm.py) ------------------------------------------------------------
@@ -384,6 +446,6 @@ def test_on_the_gpu_growth_maps_memory_in_place_and_answers_as_the_cpu() -> None
         first_ptr = first_ptr or ptr
         assert ptr == first_ptr, "the device matrix moved"
     cap = gpu._store.version.layout.capacity
-    assert gpu.memory_usage()["device"] <= cap * (64 * 4 + 24) + 5 * (2 << 20)
+    assert gpu.memory_usage()["device"] <= cap * (64 * 4 + 32) + 6 * (2 << 20)
     gpu.close()
     cpu.close()
