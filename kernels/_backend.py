@@ -1,4 +1,18 @@
-"""Backends: an array namespace bound to a device."""
+"""Backends: an array namespace bound to a device.
+
+>>> import numpy as np
+>>> from iqdb.kernels import cpu_backend
+>>> be = cpu_backend()
+>>> be.name, be.xp.__name__, be.fixed_shape, be.growable_columns
+('cpu', 'numpy', False, None)
+>>> x = be.asarray(np.arange(3.0))  # no copy on the CPU; on a GPU backend, an upload
+>>> be.to_host(x) is x
+True
+
+``gpu_backend(N)`` binds CuPy on ``cuda:N`` with the GPU's profile, the fixed-shape driver and
+device buffers that grow in place (:mod:`~iqdb.kernels._vmm`); ``iqdb._device`` chooses and
+checks the device.
+"""
 
 from __future__ import annotations
 

@@ -16,8 +16,19 @@ missing or refuses (a driver older than CUDA 10.2, a device without the
 :func:`cuda_growable_columns` answers ``None`` once and says why in the log, and the store falls
 back to a plain allocation per layout (filled from the host after each growth).
 
+How the store uses it (on a GPU; ``backend = gpu_backend(0)``)::
+
+    cols = backend.growable_columns([128 * 4, 8])  # bytes per row of each column, or None
+    cols[0].ensure(1000 * 128 * 4)                  # back 1,000 rows with device memory
+    X = cols[0].array(np.float32, (1000, 128))      # a CuPy array over them
+    cols[0].ensure(1200 * 128 * 4)                  # grow: X stays valid, its rows stay put
+
 The structures below follow ``cuda.h`` (CUDA 12 and 13 agree); ``tests/test_vmm.py`` compiles a
-program against the installed ``cuda.h`` and checks their sizes and offsets against these.
+program against the installed ``cuda.h`` and checks their sizes and offsets against these:
+
+>>> import ctypes
+>>> ctypes.sizeof(CUmemAllocationProp), ctypes.sizeof(CUmemAccessDesc)
+(32, 12)
 """
 
 from __future__ import annotations
